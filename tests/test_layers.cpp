@@ -1,0 +1,211 @@
+// Tests for r1/linear.hpp, r1/embedding.hpp, r1/norm.hpp and r1/mlp.hpp: PyTorch golden
+// fixtures, finite differences in double, bad input, and thread-count determinism.
+#include <r1/embedding.hpp>
+#include <r1/linear.hpp>
+#include <r1/mlp.hpp>
+#include <r1/norm.hpp>
+
+#include "support.hpp"
+
+using r1::Shape;
+using r1::Tensor;
+using r1test::check_gradient;
+using r1test::max_abs_diff;
+using r1test::random_tensor;
+using r1test::tensor;
+using r1test::weighted_sum;
+
+constexpr double kFixtureTolerance = 1e-12;
+
+// --------------------------------------------------------------------------------------
+TEST_CASE("linear matches PyTorch, with and without bias", "[linear]") {
+  for (const char* name : {"linear", "linear_nobias"}) {
+    INFO(name);
+    const auto& c = r1test::fixture(name);
+    const bool with_bias = c.contains("bias");
+    auto x = tensor(c, "x");
+    r1::Linear<double> lin;
+    lin.weight = tensor(c, "weight");
+    if (with_bias) lin.bias = tensor(c, "bias");
+    r1::LinearCache<double> cache;
+    REQUIRE(max_abs_diff(r1::forward(lin, x, cache), tensor(c, "y")) < kFixtureTolerance);
+    auto grads = r1::zeros_like(lin);
+    const auto& dx = r1::backward(lin, cache, tensor(c, "dy"), grads);
+    REQUIRE(max_abs_diff(dx, tensor(c, "dx")) < kFixtureTolerance);
+    REQUIRE(max_abs_diff(grads.weight, tensor(c, "dweight")) < kFixtureTolerance);
+    if (with_bias) REQUIRE(max_abs_diff(grads.bias, tensor(c, "dbias")) < kFixtureTolerance);
+  }
+}
+
+TEST_CASE("linear backward matches finite differences and accumulates", "[linear]") {
+  r1::Linear<double> lin(5, 3, /*with_bias=*/true);
+  lin.weight = random_tensor(Shape{3, 5}, 1);
+  lin.bias = random_tensor(Shape{3}, 2);
+  auto x = random_tensor(Shape{2, 4, 5}, 3);  // leading dims flatten into rows
+  const auto w = random_tensor(Shape{2, 4, 3}, 4);
+  r1::LinearCache<double> cache;
+  const auto loss = [&] { return weighted_sum(r1::forward(lin, x, cache), w); };
+  loss();
+  auto grads = r1::zeros_like(lin);
+  const Tensor<double> dx = r1::backward(lin, cache, w, grads);
+  check_gradient(x, dx, loss);
+  check_gradient(lin.weight, grads.weight, loss);
+  check_gradient(lin.bias, grads.bias, loss);
+
+  // A second backward adds the same gradient again.
+  Tensor<double> twice = grads.weight;
+  twice.matrix() *= 2.0;
+  loss();
+  r1::backward(lin, cache, w, grads);
+  REQUIRE(max_abs_diff(grads.weight, twice) < 1e-12);
+
+  // Inference without a cache gives the same y.
+  Tensor<double> y(Shape{2, 4, 3});
+  r1::apply(lin, x, y);
+  REQUIRE(max_abs_diff(y, r1::forward(lin, x, cache)) == 0.0);
+}
+
+TEST_CASE("linear rejects bad shapes and a backward without forward", "[linear][errors]") {
+  r1::Linear<float> lin(4, 3);
+  r1::LinearCache<float> cache;
+  auto grads = r1::zeros_like(lin);
+  Tensor<float> dy(Shape{2, 3});
+  REQUIRE_R1_ERROR(r1::backward(lin, cache, dy, grads), "[linear.backward] the cache holds no forward pass");
+  REQUIRE_R1_ERROR(r1::forward(lin, Tensor<float>(Shape{2, 5}), cache), "[linear.forward] x has shape [2, 5], expected last dim 4");
+  r1::forward(lin, Tensor<float>(Shape{2, 4}), cache);
+  REQUIRE_R1_ERROR(r1::backward(lin, cache, Tensor<float>(Shape{3, 3}), grads), "[linear.backward] dy has shape [3, 3], expected [2, 3]");
+  r1::Linear<float> other(5, 3);
+  REQUIRE_R1_ERROR(r1::backward(lin, cache, dy, other), "[linear.backward] grads have weight [3, 5]");
+  Tensor<float> y(Shape{2, 4});
+  REQUIRE_R1_ERROR(r1::apply(lin, Tensor<float>(Shape{2, 4}), y), "[linear.apply] y has shape [2, 4], expected [2, 3]");
+}
+
+TEST_CASE("linear gives bit-identical results on 1 and 2 threads", "[linear][parallel]") {
+  r1::Linear<float> lin(256, 192, true);
+  r1::Rng rng(9);
+  r1::fill_normal(lin.weight.view(), rng, 0.0, 0.05);
+  r1::fill_normal(lin.bias.view(), rng);
+  Tensor<float> x(Shape{300, 256}), dy(Shape{300, 192});
+  r1::fill_normal(x.view(), rng);
+  r1::fill_normal(dy.view(), rng);
+  Tensor<float> y[2], dx[2], dw[2];
+  for (int threads : {1, 2}) {
+    r1::set_num_threads(threads);
+    r1::LinearCache<float> cache;
+    auto grads = r1::zeros_like(lin);
+    y[threads - 1] = r1::forward(lin, x, cache);
+    dx[threads - 1] = r1::backward(lin, cache, dy, grads);
+    dw[threads - 1] = grads.weight;
+  }
+  REQUIRE(max_abs_diff(y[0], y[1]) == 0.0);
+  REQUIRE(max_abs_diff(dx[0], dx[1]) == 0.0);
+  REQUIRE(max_abs_diff(dw[0], dw[1]) == 0.0);
+}
+
+// --------------------------------------------------------------------------------------
+TEST_CASE("embedding matches PyTorch, repeated ids accumulate", "[embedding]") {
+  const auto& c = r1test::fixture("embedding");
+  r1::Embedding<double> emb;
+  emb.weight = tensor(c, "weight");
+  const auto ids = tensor<int32_t>(c, "ids");
+  r1::EmbeddingCache<double> cache;
+  REQUIRE(max_abs_diff(r1::forward(emb, ids, cache), tensor(c, "y")) == 0.0);
+  auto grads = r1::zeros_like(emb);
+  r1::backward(emb, cache, tensor(c, "dy"), grads);
+  REQUIRE(max_abs_diff(grads.weight, tensor(c, "dweight")) < kFixtureTolerance);
+}
+
+TEST_CASE("embedding backward matches finite differences; bad ids throw", "[embedding][errors]") {
+  r1::Embedding<double> emb(6, 4);
+  emb.weight = random_tensor(Shape{6, 4}, 5);
+  Tensor<int32_t> ids(Shape{2, 3});
+  const int32_t values[] = {0, 5, 2, 2, 5, 1};
+  std::copy(values, values + 6, ids.data());
+  const auto w = random_tensor(Shape{2, 3, 4}, 6);
+  r1::EmbeddingCache<double> cache;
+  const auto loss = [&] { return weighted_sum(r1::forward(emb, ids, cache), w); };
+  loss();
+  auto grads = r1::zeros_like(emb);
+  r1::backward(emb, cache, w, grads);
+  check_gradient(emb.weight, grads.weight, loss);
+
+  ids(1, 1) = 6;
+  REQUIRE_R1_ERROR(r1::forward(emb, ids, cache), "[embedding.forward] id 6 at position 4 is out of range [0, 6)");
+  ids(1, 1) = -1;
+  REQUIRE_R1_ERROR(r1::forward(emb, ids, cache), "[embedding.forward] id -1 at position 4");
+  r1::EmbeddingCache<double> fresh;
+  REQUIRE_R1_ERROR(r1::backward(emb, fresh, w, grads), "[embedding.backward] the cache holds no forward pass");
+}
+
+// --------------------------------------------------------------------------------------
+TEST_CASE("rmsnorm matches PyTorch", "[norm]") {
+  const auto& c = r1test::fixture("rmsnorm");
+  r1::RMSNorm<double> norm(8, c.at("eps").get<double>());
+  norm.weight = tensor(c, "weight");
+  r1::RMSNormCache<double> cache;
+  REQUIRE(max_abs_diff(r1::forward(norm, tensor(c, "x"), cache), tensor(c, "y")) < kFixtureTolerance);
+  auto grads = r1::zeros_like(norm);
+  REQUIRE(max_abs_diff(r1::backward(norm, cache, tensor(c, "dy"), grads), tensor(c, "dx")) < kFixtureTolerance);
+  REQUIRE(max_abs_diff(grads.weight, tensor(c, "dweight")) < kFixtureTolerance);
+}
+
+TEST_CASE("rmsnorm backward matches finite differences; bad input throws", "[norm][errors]") {
+  r1::RMSNorm<double> norm(6);
+  REQUIRE(norm.weight.vector().sum() == 6.0);  // starts at ones
+  norm.weight = random_tensor(Shape{6}, 7);
+  auto x = random_tensor(Shape{3, 2, 6}, 8);
+  const auto w = random_tensor(Shape{3, 2, 6}, 9);
+  r1::RMSNormCache<double> cache;
+  const auto loss = [&] { return weighted_sum(r1::forward(norm, x, cache), w); };
+  loss();
+  auto grads = r1::zeros_like(norm);
+  const Tensor<double> dx = r1::backward(norm, cache, w, grads);
+  check_gradient(x, dx, loss);
+  check_gradient(norm.weight, grads.weight, loss);
+
+  REQUIRE_R1_ERROR(r1::forward(norm, Tensor<double>(Shape{2, 5}), cache), "[rmsnorm.forward] x has shape [2, 5], expected last dim 6");
+  REQUIRE_R1_ERROR(r1::RMSNorm<double>(4, 0.0), "[rmsnorm] eps is 0, expected > 0");
+  REQUIRE_R1_ERROR(r1::backward(norm, cache, Tensor<double>(Shape{6}), grads), "[rmsnorm.backward] dy has shape [6]");
+}
+
+// --------------------------------------------------------------------------------------
+TEST_CASE("swiglu mlp matches PyTorch", "[mlp]") {
+  const auto& c = r1test::fixture("swiglu");
+  r1::Mlp<double> mlp(8, 12);
+  mlp.w1.weight = tensor(c, "w1");
+  mlp.w2.weight = tensor(c, "w2");
+  mlp.w3.weight = tensor(c, "w3");
+  r1::MlpCache<double> cache;
+  REQUIRE(max_abs_diff(r1::forward(mlp, tensor(c, "x"), cache), tensor(c, "y")) < kFixtureTolerance);
+  auto grads = r1::zeros_like(mlp);
+  REQUIRE(max_abs_diff(r1::backward(mlp, cache, tensor(c, "dy"), grads), tensor(c, "dx")) < kFixtureTolerance);
+  REQUIRE(max_abs_diff(grads.w1.weight, tensor(c, "dw1")) < kFixtureTolerance);
+  REQUIRE(max_abs_diff(grads.w2.weight, tensor(c, "dw2")) < kFixtureTolerance);
+  REQUIRE(max_abs_diff(grads.w3.weight, tensor(c, "dw3")) < kFixtureTolerance);
+}
+
+TEST_CASE("swiglu mlp backward matches finite differences; visit uses HF names", "[mlp]") {
+  r1::Mlp<double> mlp(4, 6);
+  mlp.w1.weight = random_tensor(Shape{6, 4}, 10);
+  mlp.w2.weight = random_tensor(Shape{4, 6}, 11);
+  mlp.w3.weight = random_tensor(Shape{6, 4}, 12);
+  auto x = random_tensor(Shape{3, 4}, 13);
+  const auto w = random_tensor(Shape{3, 4}, 14);
+  r1::MlpCache<double> cache;
+  const auto loss = [&] { return weighted_sum(r1::forward(mlp, x, cache), w); };
+  loss();
+  auto grads = r1::zeros_like(mlp);
+  const Tensor<double> dx = r1::backward(mlp, cache, w, grads);
+  check_gradient(x, dx, loss);
+  check_gradient(mlp.w1.weight, grads.w1.weight, loss);
+  check_gradient(mlp.w2.weight, grads.w2.weight, loss);
+  check_gradient(mlp.w3.weight, grads.w3.weight, loss);
+
+  std::vector<std::string> names;
+  mlp.visit([&](const std::string& name, Tensor<double>&) { names.push_back(name); });
+  REQUIRE(names == std::vector<std::string>{"gate_proj.weight", "down_proj.weight", "up_proj.weight"});
+
+  r1::Mlp<double> broken(4, 6);
+  broken.w2 = r1::Linear<double>(5, 4);
+  REQUIRE_R1_ERROR(r1::forward(broken, x, cache), "[mlp.forward] inconsistent weights");
+}
