@@ -42,9 +42,10 @@ struct bf16 {
 namespace detail {
 
 // A float8 format with ExpBits exponent bits, ManBits mantissa bits and bias Bias.
-// MaxCode is the bit pattern (without sign) of the largest finite value.
-template <int ExpBits, int ManBits, int Bias, uint8_t MaxCode, bool HasInf>
+// MaxCode is the bit pattern (without sign) of the largest finite value, MaxFinite its value.
+template <int ExpBits, int ManBits, int Bias, uint8_t MaxCode, bool HasInf, float MaxFinite>
 struct Minifloat {
+  static constexpr float max_finite = MaxFinite;
   static constexpr uint8_t nan_code = 0x7F;
   static constexpr uint8_t inf_code = static_cast<uint8_t>(((1u << ExpBits) - 1u) << ManBits);
 
@@ -89,33 +90,28 @@ struct Minifloat {
   }
 };
 
-using E4M3 = Minifloat<4, 3, 7, 0x7E, false>;
-using E5M2 = Minifloat<5, 2, 15, 0x7B, true>;
+using E4M3 = Minifloat<4, 3, 7, 0x7E, false, 448.0f>;
+using E5M2 = Minifloat<5, 2, 15, 0x7B, true, 57344.0f>;
 
 }  // namespace detail
 
-struct fp8_e4m3 {
+// An FP8 value in the given format: 8 bits of storage, converted through float.
+template <class Format>
+struct float8 {
   uint8_t bits = 0;
-  static constexpr float max_finite = 448.0f;
-  static fp8_e4m3 from_bits(uint8_t b) { return fp8_e4m3{b}; }
-  static fp8_e4m3 from_float(float f) { return fp8_e4m3{detail::E4M3::encode(f)}; }
-  float to_float() const { return detail::E4M3::decode(bits); }
-  friend bool operator==(fp8_e4m3 a, fp8_e4m3 b) { return a.bits == b.bits; }
+  static constexpr float max_finite = Format::max_finite;
+  static float8 from_bits(uint8_t b) { return float8{b}; }
+  static float8 from_float(float f) { return float8{Format::encode(f)}; }
+  float to_float() const { return Format::decode(bits); }
+  friend bool operator==(float8 a, float8 b) { return a.bits == b.bits; }
 };
 
-struct fp8_e5m2 {
-  uint8_t bits = 0;
-  static constexpr float max_finite = 57344.0f;
-  static fp8_e5m2 from_bits(uint8_t b) { return fp8_e5m2{b}; }
-  static fp8_e5m2 from_float(float f) { return fp8_e5m2{detail::E5M2::encode(f)}; }
-  float to_float() const { return detail::E5M2::decode(bits); }
-  friend bool operator==(fp8_e5m2 a, fp8_e5m2 b) { return a.bits == b.bits; }
-};
+using fp8_e4m3 = float8<detail::E4M3>;
+using fp8_e5m2 = float8<detail::E5M2>;
 
 // Storage types convert through float; float and double convert with a plain cast.
 template <class T>
-inline constexpr bool is_storage_type_v =
-    std::is_same_v<T, bf16> || std::is_same_v<T, fp8_e4m3> || std::is_same_v<T, fp8_e5m2>;
+inline constexpr bool is_storage_type_v = std::is_same_v<T, bf16> || std::is_same_v<T, fp8_e4m3> || std::is_same_v<T, fp8_e5m2>;
 
 template <class To, class From>
 To convert_scalar(From x) {
