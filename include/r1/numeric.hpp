@@ -42,10 +42,12 @@ struct bf16 {
 namespace detail {
 
 // A float8 format with ExpBits exponent bits, ManBits mantissa bits and bias Bias.
-// MaxCode is the bit pattern (without sign) of the largest finite value, MaxFinite its value.
-template <int ExpBits, int ManBits, int Bias, uint8_t MaxCode, bool HasInf, float MaxFinite>
+// MaxCode is the bit pattern (without sign) of the largest finite value.
+template <int ExpBits, int ManBits, int Bias, uint8_t MaxCode, bool HasInf>
 struct Minifloat {
-  static constexpr float max_finite = MaxFinite;
+  // (1.mantissa) * 2^(exponent - Bias), as an integer significand times a power of two.
+  static constexpr float max_finite = static_cast<float>((1u << ManBits) | (MaxCode & ((1u << ManBits) - 1u))) *
+                                      static_cast<float>(1ull << ((MaxCode >> ManBits) - Bias - ManBits));
   static constexpr uint8_t nan_code = 0x7F;
   static constexpr uint8_t inf_code = static_cast<uint8_t>(((1u << ExpBits) - 1u) << ManBits);
 
@@ -90,8 +92,9 @@ struct Minifloat {
   }
 };
 
-using E4M3 = Minifloat<4, 3, 7, 0x7E, false, 448.0f>;
-using E5M2 = Minifloat<5, 2, 15, 0x7B, true, 57344.0f>;
+using E4M3 = Minifloat<4, 3, 7, 0x7E, false>;
+using E5M2 = Minifloat<5, 2, 15, 0x7B, true>;
+static_assert(E4M3::max_finite == 448.0f && E5M2::max_finite == 57344.0f);
 
 }  // namespace detail
 

@@ -11,9 +11,10 @@
 //                  so x[B,S,D].matrix() is a (B*S) x D matrix and PyTorch/HF [out, in]
 //                  weights map without copies. .vector() maps a contiguous view as one
 //                  column vector.
-//   Rng, fill_*    counter-free xoshiro256** with a normal sampler built only from IEEE
-//                  operations (+ - * / sqrt), so a seed gives the same numbers bit for
-//                  bit on any platform and compiler.
+//   Rng, fill_*    xoshiro256** with a normal sampler built only from correctly rounded
+//                  IEEE operations (+ - * / sqrt fma), every multiply-add an explicit
+//                  std::fma so compilers that contract a*b+c and those that don't agree:
+//                  a seed gives the same numbers bit for bit on any platform.
 //
 // Element types: float, double (for finite-difference tests), and the storage types of
 // numeric.hpp (bf16, fp8_e4m3, fp8_e5m2), which convert through float with convert().
@@ -360,7 +361,7 @@ class Rng {
     do {
       u = 2.0 * uniform() - 1.0;
       v = 2.0 * uniform() - 1.0;
-      s = u * u + v * v;
+      s = std::fma(u, u, v * v);
     } while (s >= 1.0 || s == 0.0);
     const double scale = std::sqrt(-2.0 * portable_log(s) / s);
     spare_ = v * scale;
@@ -411,13 +412,13 @@ void fill_with(View<T> v, Draw&& draw) {
 template <class T>
 void fill_uniform(View<T> v, Rng& rng, double low = 0.0, double high = 1.0) {
   R1_CHECK(low <= high, "[fill_uniform] low ", low, " > high ", high);
-  fill_with(v, [&] { return low + (high - low) * rng.uniform(); });
+  fill_with(v, [&] { return std::fma(high - low, rng.uniform(), low); });
 }
 
 template <class T>
 void fill_normal(View<T> v, Rng& rng, double mean = 0.0, double std = 1.0) {
   R1_CHECK(std >= 0.0, "[fill_normal] std ", std, " is negative");
-  fill_with(v, [&] { return mean + std * rng.normal(); });
+  fill_with(v, [&] { return std::fma(std, rng.normal(), mean); });
 }
 
 // Normal(mean, std) resampled until it lies in [low, high], as torch.nn.init.trunc_normal_
@@ -431,7 +432,7 @@ void fill_truncated_normal(View<T> v, Rng& rng, double mean = 0.0, double std = 
            "] is more than 6 std from mean ", mean, ": rejection sampling would not terminate");
   fill_with(v, [&] {
     for (;;) {
-      const double x = mean + std * rng.normal();
+      const double x = std::fma(std, rng.normal(), mean);
       if (x >= low && x <= high) return x;
     }
   });
