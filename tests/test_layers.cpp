@@ -76,6 +76,8 @@ TEST_CASE("linear rejects bad shapes and a backward without forward", "[linear][
   REQUIRE_R1_ERROR(r1::backward(lin, cache, Tensor<float>(Shape{3, 3}), grads), "[linear.backward] dy has shape [3, 3], expected [2, 3]");
   r1::Linear<float> other(5, 3);
   REQUIRE_R1_ERROR(r1::backward(lin, cache, dy, other), "[linear.backward] grads have weight [3, 5]");
+  REQUIRE_R1_ERROR(r1::Linear<float>(0, 3), "[linear] in_features 0 and out_features 3 must be positive");
+  REQUIRE_R1_ERROR(r1::forward(r1::Linear<float>{}, Tensor<float>(Shape{2, 4}), cache), "[linear.forward] weight has shape [0]");
   Tensor<float> y(Shape{2, 4});
   REQUIRE_R1_ERROR(r1::apply(lin, Tensor<float>(Shape{2, 4}), y), "[linear.apply] y has shape [2, 4], expected [2, 3]");
 }
@@ -100,6 +102,21 @@ TEST_CASE("linear gives bit-identical results on 1 and 2 threads", "[linear][par
   REQUIRE(max_abs_diff(y[0], y[1]) == 0.0);
   REQUIRE(max_abs_diff(dx[0], dx[1]) == 0.0);
   REQUIRE(max_abs_diff(dw[0], dw[1]) == 0.0);
+}
+
+TEST_CASE("layers accept an empty batch, as PyTorch does", "[linear][norm][mlp]") {
+  r1::Linear<float> lin(4, 3, true);
+  r1::LinearCache<float> cache;
+  REQUIRE(r1::forward(lin, Tensor<float>(Shape{0, 4}), cache).shape() == Shape{0, 3});
+  auto grads = r1::zeros_like(lin);
+  REQUIRE(r1::backward(lin, cache, Tensor<float>(Shape{0, 3}), grads).shape() == Shape{0, 4});
+  REQUIRE(grads.weight.matrix().cwiseAbs().sum() == 0.0f);
+  r1::RMSNorm<float> norm(4);
+  r1::RMSNormCache<float> norm_cache;
+  REQUIRE(r1::forward(norm, Tensor<float>(Shape{2, 0, 4}), norm_cache).shape() == Shape{2, 0, 4});
+  r1::Mlp<float> mlp(4, 6);
+  r1::MlpCache<float> mlp_cache;
+  REQUIRE(r1::forward(mlp, Tensor<float>(Shape{0, 4}), mlp_cache).shape() == Shape{0, 4});
 }
 
 // --------------------------------------------------------------------------------------
@@ -133,6 +150,8 @@ TEST_CASE("embedding backward matches finite differences; bad ids throw", "[embe
   REQUIRE_R1_ERROR(r1::forward(emb, ids, cache), "[embedding.forward] id 6 at position 4 is out of range [0, 6)");
   ids(1, 1) = -1;
   REQUIRE_R1_ERROR(r1::forward(emb, ids, cache), "[embedding.forward] id -1 at position 4");
+  REQUIRE_R1_ERROR(r1::Embedding<double>(0, 4), "[embedding] vocab_size 0 and dim 4 must be positive");
+  REQUIRE_R1_ERROR(r1::forward(r1::Embedding<double>{}, ids, cache), "[embedding.forward] weight has shape [0], expected [V, D]");
   r1::EmbeddingCache<double> fresh;
   REQUIRE_R1_ERROR(r1::backward(emb, fresh, w, grads), "[embedding.backward] the cache holds no forward pass");
 }
@@ -165,6 +184,8 @@ TEST_CASE("rmsnorm backward matches finite differences; bad input throws", "[nor
 
   REQUIRE_R1_ERROR(r1::forward(norm, Tensor<double>(Shape{2, 5}), cache), "[rmsnorm.forward] x has shape [2, 5], expected last dim 6");
   REQUIRE_R1_ERROR(r1::RMSNorm<double>(4, 0.0), "[rmsnorm] eps is 0, expected > 0");
+  REQUIRE_R1_ERROR(r1::RMSNorm<double>(0), "[rmsnorm] dim is 0, expected > 0");
+  REQUIRE_R1_ERROR(r1::forward(r1::RMSNorm<double>{}, Tensor<double>(Shape{2, 0}), cache), "[rmsnorm.forward] the norm has no weight");
   REQUIRE_R1_ERROR(r1::backward(norm, cache, Tensor<double>(Shape{6}), grads), "[rmsnorm.backward] dy has shape [6]");
 }
 

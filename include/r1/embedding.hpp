@@ -20,7 +20,9 @@ struct Embedding {
   Tensor<T, Dev> weight;  // [V, D]
 
   Embedding() = default;
-  Embedding(int64_t vocab_size, int64_t dim) : weight(Shape{vocab_size, dim}) {}
+  Embedding(int64_t vocab_size, int64_t dim) : weight(Shape{vocab_size, dim}) {
+    R1_CHECK(vocab_size > 0 && dim > 0, "[embedding] vocab_size ", vocab_size, " and dim ", dim, " must be positive");
+  }
 
   int64_t vocab_size() const { return weight.size(0); }
   int64_t dim() const { return weight.size(1); }
@@ -61,6 +63,7 @@ struct EmbeddingImpl<Cpu> {
 
 template <class T, class Dev>
 const Tensor<T, Dev>& forward(const Embedding<T, Dev>& p, ConstView<int32_t, Dev> ids, EmbeddingCache<T, Dev>& c) {
+  R1_CHECK(p.weight.rank() == 2, "[embedding.forward] weight has shape ", p.weight.shape(), ", expected [V, D]");
   R1_CHECK(ids.rank() <= 3, "[embedding.forward] ids have shape ", ids.shape(), ", expected rank <= 3");
   R1_CHECK(ids.is_contiguous(), "[embedding.forward] ids of shape ", ids.shape(), " are not contiguous");
   for (int64_t n = 0; n < ids.numel(); ++n) {

@@ -27,7 +27,8 @@ struct Linear {
 
   Linear() = default;
   Linear(int64_t in_features, int64_t out_features, bool with_bias = false)
-      : weight(Shape{out_features, in_features}), bias(with_bias ? Tensor<T, Dev>(Shape{out_features}) : Tensor<T, Dev>()) {}
+      : weight(checked_shape(in_features, out_features)),
+        bias(with_bias ? Tensor<T, Dev>(Shape{out_features}) : Tensor<T, Dev>()) {}
 
   int64_t in_features() const { return weight.size(1); }
   int64_t out_features() const { return weight.size(0); }
@@ -37,6 +38,13 @@ struct Linear {
   void visit(F&& f) {
     f("weight", weight);
     if (has_bias()) f("bias", bias);
+  }
+
+ private:
+  static Shape checked_shape(int64_t in_features, int64_t out_features) {
+    R1_CHECK(in_features > 0 && out_features > 0, "[linear] in_features ", in_features, " and out_features ", out_features,
+             " must be positive");
+    return Shape{out_features, in_features};
   }
 };
 

@@ -27,6 +27,7 @@ struct RMSNorm {
 
   RMSNorm() = default;
   explicit RMSNorm(int64_t dim, double eps_ = 1e-6) : weight(Shape{dim}), eps(eps_) {
+    R1_CHECK(dim > 0, "[rmsnorm] dim is ", dim, ", expected > 0");
     R1_CHECK(eps_ > 0.0, "[rmsnorm] eps is ", eps_, ", expected > 0");
     weight.vector().setOnes();
   }
@@ -88,6 +89,7 @@ struct RMSNormImpl<Cpu> {
 
 template <class T, class Dev>
 const Tensor<T, Dev>& forward(const RMSNorm<T, Dev>& p, ConstView<T, Dev> x, RMSNormCache<T, Dev>& c) {
+  R1_CHECK(p.dim() > 0, "[rmsnorm.forward] the norm has no weight: build it with RMSNorm(dim)");
   R1_CHECK(x.rank() >= 1 && x.size(x.rank() - 1) == p.dim(), "[rmsnorm.forward] x has shape ", x.shape(),
            ", expected last dim ", p.dim());
   c.x.resize(x.shape());

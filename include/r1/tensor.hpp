@@ -255,9 +255,11 @@ class Tensor {
 
   // New shape; the contents are unspecified unless zero is set. The buffer is reused when
   // it is large enough, so a tensor resized to the same shape every step never allocates.
+  // A resized tensor always has a buffer, even for zero elements: caches use a non-null
+  // data() to tell that forward ran.
   void resize(Shape shape, bool zero = false) {
     const int64_t n = shape.numel();
-    if (n > capacity_) {
+    if (n > capacity_ || !storage_) {
       storage_.reset(static_cast<T*>(Memory<Dev>::allocate(static_cast<std::size_t>(n) * sizeof(T))));
       capacity_ = n;
     }
