@@ -7,39 +7,45 @@
 //     linear_forward   r1::forward(lin, x, cache)           y = x W^T          2*M*K*N flops
 //     linear_backward  r1::backward(lin, cache, dy, grads)  dx = dy W,
 //                                                           dW += dy^T x       4*M*K*N flops
-//   forward also copies x into the cache (backward needs it); that copy is counted in
-//   the time. Shapes: M in {1, 16, 128, 2048} tokens for (K=2048, N=1408), the MoE expert
+//   forward also copies x into the cache (backward needs it); that copy is counted in the
+//   time. Shapes: M in {1, 16, 128, 2048} tokens for (K=2048, N=1408), the MoE expert
 //   projection, and (K=7168, N=2048), the model-dim projection; on 1 and 2 threads
 //   (r1::set_num_threads, which sets Eigen's and OpenBLAS's thread counts).
-//   peak_fma         a register-only loop of 16 independent 512-bit FMA chains per thread
-//                    (OpenMP for 2 threads): the machine's fp32 ceiling, measured here
-//                    rather than assumed, since the clock of this VM varies.
+//   peak_fma: a register-only loop of independent FMA chains (16 with 512-bit vectors,
+//   12 with 256-bit) on each thread, OpenMP for 2 threads: the fp32 ceiling, measured
+//   rather than assumed because VMs land on different hosts (Zen 4 EPYC double-pumps
+//   512-bit FMAs: about 117 GFLOP/s per thread; Zen 5 EPYC: about 219-234).
 //
 // How to read it
-//   stdout has one JSON object per line and nothing else (notes go to stderr):
-//     {"name":"peak_fma","threads":1,"gflops":218.7}
-//     {"name":"linear_forward","backend":"eigen","shape":{"M":128,"K":2048,"N":1408},
-//      "threads":1,"gflops":...,"median_gflops":...,"efficiency":0.61,"best_ms":...,
-//      "repeats":...}
+//   stdout has one JSON object per line and nothing else (progress and notes go to stderr):
+//     {"name":"machine","cpu":"AMD EPYC","family":25,"model":17,"logical_cpus":2,"vector_bits":512}
+//     {"name":"peak_fma","threads":1,"gflops":117.3,"others_cpu":0.00}
+//     {"name":"linear_forward","backend":"eigen","shape":{"M":128,"K":2048,"N":1408},"threads":1,
+//      "gflops":72.0,"median_gflops":70.4,"efficiency":0.613,"best_ms":10.0,"repeats":28,"others_cpu":0.00}
 //   gflops is the best repeat, median_gflops the median one; efficiency = gflops / the
-//   peak_fma of the same thread count. A repeat runs the call back to back until it
-//   takes >= 2 ms (so M=1 times average a few calls); repeats are sized to a time budget
-//   per measurement (>= 3 repeats, so the largest shapes take a few seconds on 1 thread).
-//   - M >= 128 is compute-bound: compare efficiency between backends and thread counts.
-//   - M = 1 (and 16) are bound by memory bandwidth, reading W once per call: GB/s is
-//     about gflops * 2 (forward, 4 bytes per 2 flops) and the number depends on whether W
-//     fits in cache (K=2048: 11.5 MB does; K=7168: 58.7 MB streams from DRAM). Here
-//     efficiency against the FMA peak is expected to be low and is not a defect.
+//   peak_fma of the same thread count. A repeat runs the call back to back until it takes
+//   >= 2 ms (so an M=1 repeat averages a few calls); the number of repeats fits a time
+//   budget of 0.3 s per measurement, but is at least 3, so M=2048 takes a few seconds.
+//   others_cpu is the fraction of all CPUs that other processes (a build, another
+//   benchmark) took during the measurement; above 0.1 it is measured again, twice at
+//   most, and the least disturbed attempt is kept. Anything but about 0 means disturbed.
+//   - M >= 128 is compute-bound: compare efficiency across backends and thread counts.
+//   - M = 1 is bound by memory bandwidth (it reads W once per call): forward GB/s is about
+//     2 * gflops, and depends on whether W fits in the L3 cache (K=2048: 11.5 MB does;
+//     K=7168: 58.7 MB streams from DRAM). A low efficiency there is expected.
 //   - Two threads scale erratically on small shared VMs: trust best-of-N, and compare
-//     runs made back to back, alternating backends.
-//   backend is "openblas" in builds with -DR1_USE_OPENBLAS=ON (Eigen forwards its GEMM and
-//   GEMV to OpenBLAS, EIGEN_USE_BLAS), else "eigen". If OPENBLAS_CORETYPE is set, an
-//   OpenBLAS build re-executes itself without it (OpenBLAS reads it at load time and a
-//   forced older core type halves SGEMM speed); --keep-coretype measures with it.
+//     backends by runs made back to back, alternating them.
+//   backend is "openblas" in builds with -DR1_USE_OPENBLAS=ON (Eigen hands its GEMMs and
+//   GEMVs to OpenBLAS: EIGEN_USE_BLAS), else "eigen". OpenBLAS reads OPENBLAS_CORETYPE
+//   once, at load time, so if it is set an OpenBLAS build re-executes itself without it
+//   and measures the kernels OpenBLAS picks itself. A forced core type can be much slower
+//   (Haswell kernels halve SGEMM on Zen 5) or, on some hosts, faster (on Zen 4 they beat
+//   the autodetected Cooperlake kernels); --keep-coretype measures with the variable set.
 //
 // Usage: bench_gemm [--quick] [--threads 1,2] [--keep-coretype]
-//   --quick        smaller time budget per measurement (about 4x faster, noisier)
-//   --threads L    comma-separated thread counts (default 1,2)
+//   --quick          smaller time budget per measurement (faster, noisier)
+//   --threads L      comma-separated thread counts (default 1,2)
+//   --keep-coretype  OpenBLAS builds: keep OPENBLAS_CORETYPE instead of re-executing
 #include "common.hpp"
 
 #include <r1/linear.hpp>
@@ -50,6 +56,7 @@
 #include <cstdio>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -97,14 +104,17 @@ struct ShapeMKN {
   int64_t M, K, N;
 };
 
-void emit(const char* name, const ShapeMKN& s, int threads, double flops, const r1::bench::Stats& st, double peak) {
+void emit(const char* name, const ShapeMKN& s, int threads, double flops, const std::pair<r1::bench::Stats, double>& m,
+          double peak) {
+  const auto& [st, others] = m;
   const double gflops = flops / st.best * 1e-9;
   const double median = flops / st.median * 1e-9;
   fmt::print(
       "{{\"name\":\"{}\",\"backend\":\"{}\",\"shape\":{{\"M\":{},\"K\":{},\"N\":{}}},\"threads\":{},"
-      "\"gflops\":{:.1f},\"median_gflops\":{:.1f},\"efficiency\":{:.3f},\"best_ms\":{:.4f},\"repeats\":{}}}\n",
+      "\"gflops\":{:.1f},\"median_gflops\":{:.1f},\"efficiency\":{:.3f},\"best_ms\":{:.4f},\"repeats\":{},"
+      "\"others_cpu\":{:.2f}}}\n",
       name, r1::bench::backend_name(), s.M, s.K, s.N, threads, gflops, median, peak > 0 ? gflops / peak : 0.0,
-      st.best * 1e3, st.repeats);
+      st.best * 1e3, st.repeats, others);
   std::fflush(stdout);
 }
 
@@ -115,10 +125,11 @@ int main(int argc, char** argv) {
   r1::bench::reexec_without_openblas_coretype(argv, opt.keep_coretype);
   r1::bench::keep_freed_memory();
   r1::bench::describe_backend();
+  fmt::print("{}\n", r1::bench::machine_json());
   r1::bench::warn_if_busy();
 
   std::vector<int> threads = opt.threads;
-#if !defined(_OPENMP) && !defined(R1_USE_OPENBLAS)
+#if !defined(_OPENMP)
   if (threads != std::vector<int>{1}) std::fprintf(stderr, "note: built without OpenMP; measuring 1 thread only\n");
   threads = {1};
 #endif
@@ -126,8 +137,11 @@ int main(int argc, char** argv) {
   // Peaks first, before any OpenBLAS or Eigen worker thread exists to compete with them.
   std::vector<double> peak(threads.size());
   for (std::size_t i = 0; i < threads.size(); ++i) {
-    peak[i] = r1::bench::peak_fma_gflops(threads[i], opt.quick ? 3 : 7);
-    fmt::print("{{\"name\":\"peak_fma\",\"threads\":{},\"gflops\":{:.1f}}}\n", threads[i], peak[i]);
+    const auto [gflops, others] =
+        r1::bench::least_disturbed([&] { return r1::bench::peak_fma_gflops(threads[i], opt.quick ? 3 : 7); });
+    peak[i] = gflops;
+    fmt::print("{{\"name\":\"peak_fma\",\"threads\":{},\"gflops\":{:.1f},\"others_cpu\":{:.2f}}}\n", threads[i],
+               peak[i], others);
     std::fflush(stdout);
   }
 
@@ -156,10 +170,12 @@ int main(int argc, char** argv) {
       r1::set_num_threads(threads[i]);
       std::fprintf(stderr, "M=%ld K=%ld N=%ld threads=%d ...\n", static_cast<long>(s.M), static_cast<long>(s.K),
                    static_cast<long>(s.N), threads[i]);
-      const auto fwd = r1::bench::time_calls([&] { r1::forward(lin, x, cache); }, plan);
+      const auto fwd = r1::bench::least_disturbed(
+          [&] { return r1::bench::time_calls([&] { r1::forward(lin, x, cache); }, plan); });
       emit("linear_forward", s, threads[i], flops, fwd, peak[i]);
       // backward reads the cache's copy of x, left there by the forward calls above.
-      const auto bwd = r1::bench::time_calls([&] { r1::backward(lin, cache, dy, grads); }, plan);
+      const auto bwd = r1::bench::least_disturbed(
+          [&] { return r1::bench::time_calls([&] { r1::backward(lin, cache, dy, grads); }, plan); });
       emit("linear_backward", s, threads[i], 2 * flops, bwd, peak[i]);
     }
   }

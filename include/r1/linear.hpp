@@ -8,15 +8,78 @@
 // N out_features. W keeps PyTorch's and HF's [out, in] layout, so a checkpoint tensor maps
 // onto it without a transpose.
 //
-// The GEMMs are Eigen's: with -DR1_USE_OPENBLAS=ON Eigen hands them to OpenBLAS
-// (EIGEN_USE_BLAS). bench/bench_gemm and the README say which is faster where.
+// The products go through r1::gemm below, which every component uses for its matrix
+// products. bench/bench_gemm and the README's Benchmarks section measure it.
 #pragma once
 
 #include "config.hpp"
 #include "device.hpp"
+#include "parallel.hpp"
 #include "tensor.hpp"
 
+#include <algorithm>
+
 namespace r1 {
+
+// ---------------------------------------------------------------------------------------
+// C = A B, or C += A B with accumulate, for Eigen expressions on the host (maps, their
+// transposes, blocks); C is row-major, as every r1 matrix is. The default build splits C
+// into bands of rows (or of columns, when C is wide, as for a single token's y[1, N])
+// across r1's threads, and each band is one single-threaded Eigen product.
+//
+// Why the results are bit-identical for any thread count: single-threaded, Eigen blocks
+// the inner dimension by its length alone, and its micro-kernels sum each element in an
+// order fixed by the element's place in a register block (Eigen computes a row-major C as
+// C^T = B^T A^T, whose row blocks are mr = 3 SIMD packets of C's columns, and column
+// blocks nr = 4 of C's rows; the tail rows use other kernels). So bands start at
+// multiples of mr columns, or of 16 rows, and only the last band holds the tail. Every
+// band has at least one full block, so none becomes a matrix-vector product unless C is
+// one. Eigen's own threading re-blocks by thread count and gives no such guarantee.
+//
+// A product with inner dimension 1 (a single token's dW = dy^T x) is a plain outer
+// product: Eigen's GEMM would spend its time packing.
+//
+// With R1_USE_OPENBLAS the whole product goes to OpenBLAS (EIGEN_USE_BLAS), which threads
+// itself. That is faster for M >= 128 but not bit-identical across thread counts.
+template <class A, class B, class C>
+void gemm(const A& a, const B& b, C&& c, bool accumulate = false) {
+  using Dest = std::decay_t<C>;
+  static_assert(Dest::IsRowMajor, "r1::gemm: C must be row-major (a View's matrix() or a block of one)");
+  R1_CHECK(a.rows() == c.rows() && b.cols() == c.cols() && a.cols() == b.rows(), "[gemm] cannot multiply ", a.rows(), "x",
+           a.cols(), " by ", b.rows(), "x", b.cols(), " into ", c.rows(), "x", c.cols());
+  const auto product = [accumulate](auto&& c_band, const auto& a_band, const auto& b_band) {
+    if (a_band.cols() == 1) {
+      if (accumulate) {
+        c_band.noalias() += a_band.col(0) * b_band.row(0);
+      } else {
+        c_band.noalias() = a_band.col(0) * b_band.row(0);
+      }
+    } else if (accumulate) {
+      c_band.noalias() += a_band * b_band;
+    } else {
+      c_band.noalias() = a_band * b_band;
+    }
+  };
+#if defined(R1_USE_OPENBLAS)
+  product(c, a, b);
+#else
+  // Chunks of bands carry at least 2^18 flops, so small products stay on one thread.
+  using Scalar = typename Dest::Scalar;
+  const bool split_rows = c.rows() >= c.cols();
+  const int64_t band = split_rows ? 16 : Eigen::internal::gebp_traits<Scalar, Scalar>::mr;
+  const int64_t length = split_rows ? c.rows() : c.cols();
+  const int64_t bands = std::max<int64_t>(1, length / band);  // the last band takes the remainder
+  const int64_t flops_per_band = 2 * band * (split_rows ? c.cols() : c.rows()) * std::max<int64_t>(a.cols(), 1);
+  parallel_for(bands, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * band, count = (end == bands ? length : end * band) - first;
+    if (split_rows) {
+      product(c.middleRows(first, count), a.middleRows(first, count), b);
+    } else {
+      product(c.middleCols(first, count), a, b.middleCols(first, count));
+    }
+  }, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(flops_per_band, 1)));
+#endif
+}
 
 // ---------------------------------------------------------------------------------------
 // Params
@@ -63,7 +126,7 @@ struct LinearImpl<Cpu> {
   // y = x W^T (+ b); x and y are (rows x in) and (rows x out) Eigen maps.
   template <class X, class Y, class T>
   static void affine(const X& x, const Linear<T, Cpu>& p, Y&& y) {
-    y.noalias() = x * p.weight.matrix().transpose();
+    gemm(x, p.weight.matrix().transpose(), y);
     if (p.has_bias()) y.rowwise() += p.bias.vector().transpose();
   }
 
@@ -71,8 +134,8 @@ struct LinearImpl<Cpu> {
   static void backward(const Linear<T, Cpu>& p, LinearCache<T, Cpu>& c, View<const T> dy, Linear<T, Cpu>& g) {
     const auto dy_m = dy.matrix();
     c.dx.resize(c.x.shape());
-    c.dx.matrix().noalias() = dy_m * p.weight.matrix();
-    g.weight.matrix().noalias() += dy_m.transpose() * c.x.matrix();
+    gemm(dy_m, p.weight.matrix(), c.dx.matrix());
+    gemm(dy_m.transpose(), c.x.matrix(), g.weight.matrix(), /*accumulate=*/true);
     if (p.has_bias()) g.bias.matrix() += dy_m.colwise().sum();
   }
 };

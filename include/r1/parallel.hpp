@@ -1,15 +1,19 @@
 // r1/parallel.hpp: intra-op threading.
 //
 // r1::set_num_threads(n) sets how many threads every r1 op may use: r1's own loops
-// (parallel_for), Eigen's GEMM and, in builds with R1_USE_OPENBLAS, OpenBLAS.
-// Threads come from OpenMP when the translation unit is compiled with it (the r1::r1
-// target links OpenMP when CMake finds it); without OpenMP everything runs on the calling
-// thread.
+// (parallel_for), its GEMMs (r1::gemm in linear.hpp) and, in builds with
+// R1_USE_OPENBLAS, OpenBLAS. Threads come from OpenMP when the translation unit is
+// compiled with it (the r1::r1 target links OpenMP when CMake finds it); without OpenMP
+// everything runs on the calling thread. The default is every hardware thread.
+//
+// r1 splits the work itself and sets Eigen's own thread count to 1 (Eigen::setNbThreads)
+// on first use: Eigen's threaded GEMM re-blocks the inner dimension by thread count, so
+// its sums would change with it.
 //
 // Determinism: parallel_for splits [0, n) into one contiguous chunk per thread and each
 // index is computed by one thread with the same code, so elementwise and row-wise ops
-// give bit-identical results for any thread count. Reductions across rows are written
-// as per-row partials summed in index order for the same reason.
+// give bit-identical results for any thread count. Reductions across rows run in index
+// order for the same reason.
 #pragma once
 
 #include "config.hpp"
@@ -31,8 +35,21 @@ extern "C" void openblas_set_num_threads(int num_threads);
 namespace r1 {
 
 namespace detail {
+inline void apply_thread_count(int n) {
+  Eigen::setNbThreads(1);
+#if defined(R1_USE_OPENBLAS)
+  openblas_set_num_threads(n);
+#else
+  (void)n;
+#endif
+}
+
 inline int& thread_count() {
-  static int count = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  static int count = [] {
+    const int n = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    apply_thread_count(n);
+    return n;
+  }();
   return count;
 }
 }  // namespace detail
@@ -42,10 +59,7 @@ inline int num_threads() { return detail::thread_count(); }
 inline void set_num_threads(int n) {
   R1_CHECK(n >= 1, "[set_num_threads] n is ", n, ", expected >= 1");
   detail::thread_count() = n;
-  Eigen::setNbThreads(n);
-#if defined(R1_USE_OPENBLAS)
-  openblas_set_num_threads(n);
-#endif
+  detail::apply_thread_count(n);
 }
 
 // Calls body(begin, end) on disjoint chunks that cover [0, n). Chunks below min_chunk
