@@ -1,4 +1,6 @@
 // Tests for r1/tensor.hpp, r1/numeric.hpp, r1/parallel.hpp, r1/config.hpp and r1/device.hpp.
+// R1_DEBUG turns on the debug-only checks (R1_ASSERT), such as element-access bounds.
+#define R1_DEBUG
 #include <r1/numeric.hpp>
 #include <r1/parallel.hpp>
 #include <r1/tensor.hpp>
@@ -182,6 +184,8 @@ TEST_CASE("views: bad slices and shapes throw r1::error naming the op and values
   REQUIRE_R1_ERROR(Shape({1, 2, 3, 4, 5}), "[Shape] rank 5 exceeds the maximum 4");
   REQUIRE_R1_ERROR(Shape({2, -1}), "[Shape] negative dimension -1");
   REQUIRE_R1_ERROR(r1::check_shape(t.view(), Shape{3, 2}, "op", "x"), "[op] x has shape [2, 3], expected [3, 2]");
+  REQUIRE_R1_ERROR(t(2, 0), "[View()] index 2 out of range for dim 0 of shape [2, 3]");  // R1_DEBUG builds only
+  REQUIRE_R1_ERROR(t.view().slice(1, 1, 3)(0, 2), "[View()] index 2 out of range for dim 1 of shape [2, 2]");
 }
 
 TEST_CASE("R1_CHECK formats its parts and throws r1::error", "[config]") {

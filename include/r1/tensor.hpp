@@ -160,7 +160,11 @@ class View {
     static_assert(sizeof...(Index) <= kMaxRank, "r1::View: too many indices");
     const int64_t idx[] = {static_cast<int64_t>(index)...};
     int64_t offset = 0;
-    for (std::size_t i = 0; i < sizeof...(Index); ++i) offset += idx[i] * strides_[i];
+    for (std::size_t i = 0; i < sizeof...(Index); ++i) {
+      R1_ASSERT(0 <= idx[i] && idx[i] < shape_[static_cast<int>(i)], "[View()] index ", idx[i], " out of range for dim ", i,
+                " of shape ", shape_);
+      offset += idx[i] * strides_[i];
+    }
     return data_[offset];
   }
 
