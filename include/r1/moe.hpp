@@ -1,0 +1,488 @@
+// r1/moe.hpp: DeepSeekMoE, the mixture-of-experts FFN of DeepSeek-V2/V3.
+//
+//   gate:      l = x W_g^T                                   [N, E]
+//              s = sigmoid(l)  or  softmax(l)                (scoring_func)
+//              c = s + b                                     (selection scores; b is
+//                                                             e_score_correction_bias, noaux_tc only)
+//   routing:   group score = sum of the top-2 c in each of n_group groups (noaux_tc), or the
+//              max s (group_limited_greedy); keep the topk_group best groups, mask the
+//              rest to -inf, then take the top-k experts by c (greedy: no groups)
+//   weights:   w_j = s[idx_j]  (the unbiased scores: b only selects)
+//              w_j /= sum_j w_j + 1e-20  when norm_topk_prob,  then w_j *= routed_scaling_factor
+//   output:    y = sum_j w_j Expert_{idx_j}(x) + Shared(x)
+//   Expert, Shared: SwiGLU MLPs (r1::Mlp); the shared experts act as one MLP of width
+//   n_shared_experts * moe_intermediate_size.
+//
+// Dispatch is dropless and sorted: the N*k (token, expert) slots are ordered by expert and,
+// within an expert, by token, the tokens are gathered into one contiguous slice per expert,
+// each expert runs one GEMM per projection over its slice, and the outputs are combined
+// back per token in slot order. Ties in any top-k go to the lower index (the lower expert,
+// the lower group), so routing is deterministic.
+//
+// Backward reaches x, every expert, the shared experts and W_g through the gathered
+// weights (and their normalization); the top-k choice itself has no gradient and b gets
+// none (it is updated by update_bias, not by gradients).
+//
+// Balancing:
+//   aux-loss-free (V3):  update_bias: b_i += gamma * sign(mean load - load_i) after a step.
+//   balance loss:        L = alpha * sum_i f_i P_i, f_i = E / (k T) * (tokens routing to i),
+//                        P_i = mean over tokens of s_i / sum_j s_j. seq_aux = true computes
+//                        it per sequence (the rows of x[B, S, D]) and averages over B (V3's
+//                        sequence-wise loss, alpha 1e-4); false over all tokens (V2's
+//                        expert-level loss). aux_loss_alpha = 0 turns it off. forward adds
+//                        nothing to y; the loss is in cache.aux_loss and backward adds its
+//                        gradient.
+//
+// Legend: N tokens (B*S), D dim, E routed experts, k experts per token, G groups,
+// H moe_intermediate_size.
+#pragma once
+
+#include "config.hpp"
+#include "device.hpp"
+#include "linear.hpp"
+#include "mlp.hpp"
+#include "parallel.hpp"
+#include "tensor.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace r1 {
+
+enum class ScoringFunc { Softmax, Sigmoid };
+enum class TopkMethod { Greedy, GroupLimitedGreedy, NoAuxTc };
+
+struct MoeConfig {
+  int64_t dim = 0;                    // hidden_size
+  int64_t n_routed_experts = 0;
+  int64_t moe_intermediate_size = 0;
+  int64_t n_shared_experts = 0;
+  int64_t num_experts_per_tok = 0;    // k
+  ScoringFunc scoring_func = ScoringFunc::Sigmoid;
+  TopkMethod topk_method = TopkMethod::NoAuxTc;
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  bool norm_topk_prob = true;
+  double routed_scaling_factor = 1.0;
+  double aux_loss_alpha = 0.0;        // 0: no balance loss
+  bool seq_aux = true;
+
+  // Throws r1::error naming the first inconsistency.
+  void validate() const {
+    R1_CHECK(dim > 0 && n_routed_experts > 0 && moe_intermediate_size > 0, "[moe] dim ", dim, ", n_routed_experts ",
+             n_routed_experts, " and moe_intermediate_size ", moe_intermediate_size, " must be positive");
+    R1_CHECK(n_shared_experts >= 0, "[moe] n_shared_experts is ", n_shared_experts, ", expected >= 0");
+    R1_CHECK(num_experts_per_tok >= 1 && num_experts_per_tok <= n_routed_experts, "[moe] num_experts_per_tok ",
+             num_experts_per_tok, " must lie in [1, n_routed_experts = ", n_routed_experts, "]");
+    R1_CHECK(routed_scaling_factor > 0.0 && aux_loss_alpha >= 0.0, "[moe] routed_scaling_factor ", routed_scaling_factor,
+             " must be > 0 and aux_loss_alpha ", aux_loss_alpha, " >= 0");
+    if (topk_method == TopkMethod::Greedy) return;
+    R1_CHECK(n_group >= 1 && n_routed_experts % n_group == 0, "[moe] n_group ", n_group, " does not divide n_routed_experts ",
+             n_routed_experts);
+    R1_CHECK(topk_group >= 1 && topk_group <= n_group, "[moe] topk_group ", topk_group, " must lie in [1, n_group = ", n_group, "]");
+    R1_CHECK(topk_group * (n_routed_experts / n_group) >= num_experts_per_tok, "[moe] topk_group ", topk_group, " groups of ",
+             n_routed_experts / n_group, " experts cannot hold num_experts_per_tok = ", num_experts_per_tok);
+    R1_CHECK(topk_method != TopkMethod::NoAuxTc || n_routed_experts / n_group >= 2, "[moe] noaux_tc scores a group by its top-2 "
+             "experts, but groups have ", n_routed_experts / n_group, " expert");
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Params
+template <class T, class Dev = Cpu>
+struct Moe {
+  MoeConfig config;
+  Linear<T, Dev> gate;                  // weight [E, D]
+  Tensor<T, Dev> e_score_correction_bias;  // [E], a buffer: selection only, set by update_bias
+  std::vector<Mlp<T, Dev>> experts;     // E experts of [H, D] / [D, H]
+  Mlp<T, Dev> shared_experts;           // width n_shared * H; absent when n_shared_experts = 0
+
+  Moe() = default;
+  explicit Moe(const MoeConfig& c) : config(c) {
+    c.validate();
+    gate = Linear<T, Dev>(c.dim, c.n_routed_experts);
+    e_score_correction_bias = Tensor<T, Dev>(Shape{c.n_routed_experts});
+    experts.assign(static_cast<std::size_t>(c.n_routed_experts), Mlp<T, Dev>(c.dim, c.moe_intermediate_size));
+    if (c.n_shared_experts > 0) shared_experts = Mlp<T, Dev>(c.dim, c.n_shared_experts * c.moe_intermediate_size);
+  }
+
+  bool has_shared() const { return config.n_shared_experts > 0; }
+
+  // Trainable tensors, with HF's names under "mlp.".
+  template <class F>
+  void visit(F&& f) {
+    visit_prefixed("gate.", gate, f);
+    for (std::size_t e = 0; e < experts.size(); ++e) visit_prefixed("experts." + std::to_string(e) + ".", experts[e], f);
+    if (has_shared()) visit_prefixed("shared_experts.", shared_experts, f);
+  }
+  // Tensors that checkpoints hold but gradients do not touch.
+  template <class F>
+  void visit_buffers(F&& f) {
+    f("gate.e_score_correction_bias", e_score_correction_bias);
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Cache, with the routing of the last forward.
+template <class T, class Dev = Cpu>
+struct MoeCache {
+  LinearCache<T, Dev> gate;
+  Tensor<T, Dev> scores;             // s [N, E]
+  Tensor<int32_t, Dev> topk_idx;     // [N, k], best first
+  Tensor<T, Dev> topk_weight;        // [N, k], after normalization and scaling
+  std::vector<int64_t> expert_offset;  // [E + 1]: expert e owns sorted slots [offset[e], offset[e+1])
+  std::vector<int64_t> slot_of;      // [N*k]: (token n, choice j) -> its sorted slot
+  std::vector<int64_t> token_of;     // [N*k]: sorted slot -> token
+  Tensor<T, Dev> routed_x, routed_y;   // [N*k, D] in sorted order
+  std::vector<MlpCache<T, Dev>> expert_caches;
+  MlpCache<T, Dev> shared;
+  Tensor<T, Dev> y, dx, d_routed, dweight, dscores, dlogits;
+  int64_t sequences = 1;             // B: rows of x[B, S, D] for the sequence-wise loss
+  double aux_loss = 0.0;
+};
+
+// Load statistics of one routing: how many slots each expert took, how uneven that is, and
+// the fraction of tokens that sent at least one slot to each group.
+struct MoeStats {
+  std::vector<int64_t> tokens_per_expert;
+  double max_over_mean_load = 0.0;
+  std::vector<double> group_fraction;
+};
+
+R1_DECLARE_IMPL(MoeImpl, "moe.cuh");
+
+template <>
+struct MoeImpl<Cpu> {
+  // s from the gate logits, row by row.
+  template <class T>
+  static void score(const MoeConfig& c, const Tensor<T>& logits, Tensor<T>& scores) {
+    const auto l = logits.matrix();
+    auto s = scores.matrix();
+    parallel_for(l.rows(), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        if (c.scoring_func == ScoringFunc::Sigmoid) {
+          s.row(n) = l.row(n).unaryExpr([](T v) { return T(1) / (T(1) + std::exp(-v)); });
+        } else {
+          const auto e = (l.row(n).array() - l.row(n).maxCoeff()).exp();
+          s.row(n) = (e / e.sum()).matrix();
+        }
+      }
+    }, 16);
+  }
+
+  // Indices of the k largest values, best first; ties go to the lower index.
+  template <class V>
+  static void top_k(const V& values, int64_t k, std::vector<int32_t>& order) {
+    order.resize(static_cast<std::size_t>(values.size()));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return values[a] > values[b] || (values[a] == values[b] && a < b);
+    });
+    order.resize(static_cast<std::size_t>(k));
+  }
+
+  template <class T>
+  static void route(const Moe<T, Cpu>& p, MoeCache<T, Cpu>& c) {
+    const MoeConfig& cfg = p.config;
+    const auto s = c.scores.matrix();
+    const int64_t tokens = s.rows(), experts = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+    const int64_t group_size = experts / cfg.n_group;
+    const bool use_bias = cfg.topk_method == TopkMethod::NoAuxTc;
+    auto idx = c.topk_idx.view();
+    auto w = c.topk_weight.view();
+    parallel_for(tokens, [&](int64_t begin, int64_t end) {
+      std::vector<double> choice(static_cast<std::size_t>(experts)), group_score(static_cast<std::size_t>(cfg.n_group));
+      std::vector<int32_t> order, top2;
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t e = 0; e < experts; ++e)
+          choice[e] = static_cast<double>(s(n, e)) + (use_bias ? static_cast<double>(p.e_score_correction_bias.data()[e]) : 0.0);
+        if (cfg.topk_method != TopkMethod::Greedy) {
+          for (int64_t g = 0; g < cfg.n_group; ++g) {
+            const auto members = Eigen::Map<const Eigen::VectorXd>(choice.data() + g * group_size, group_size);
+            if (use_bias) {
+              top_k(members, 2, top2);
+              group_score[g] = members[top2[0]] + members[top2[1]];
+            } else {
+              group_score[g] = members.maxCoeff();
+            }
+          }
+          top_k(group_score, cfg.topk_group, order);
+          std::vector<bool> kept(static_cast<std::size_t>(cfg.n_group), false);
+          for (int32_t g : order) kept[g] = true;
+          for (int64_t e = 0; e < experts; ++e)
+            if (!kept[e / group_size]) choice[e] = -std::numeric_limits<double>::infinity();
+        }
+        top_k(choice, k, order);
+        T total = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          idx(n, j) = order[j];
+          w(n, j) = s(n, order[j]);
+          total += w(n, j);
+        }
+        const T norm = cfg.norm_topk_prob ? T(1) / (total + T(1e-20)) : T(1);
+        for (int64_t j = 0; j < k; ++j) w(n, j) *= norm * static_cast<T>(cfg.routed_scaling_factor);
+      }
+    }, 16);
+  }
+
+  // Counting sort of the N*k slots by expert, stable in token order.
+  template <class T>
+  static void sort_slots(const MoeConfig& cfg, MoeCache<T, Cpu>& c) {
+    const int64_t slots = c.topk_idx.numel();
+    const int32_t* idx = c.topk_idx.data();
+    c.expert_offset.assign(static_cast<std::size_t>(cfg.n_routed_experts + 1), 0);
+    for (int64_t i = 0; i < slots; ++i) ++c.expert_offset[idx[i] + 1];
+    std::partial_sum(c.expert_offset.begin(), c.expert_offset.end(), c.expert_offset.begin());
+    std::vector<int64_t> next(c.expert_offset.begin(), c.expert_offset.end() - 1);
+    c.slot_of.resize(static_cast<std::size_t>(slots));
+    c.token_of.resize(static_cast<std::size_t>(slots));
+    for (int64_t i = 0; i < slots; ++i) {
+      const int64_t slot = next[idx[i]]++;
+      c.slot_of[i] = slot;
+      c.token_of[slot] = i / cfg.num_experts_per_tok;
+    }
+  }
+
+  template <class T>
+  static void gather(const MoeCache<T, Cpu>& c, const Tensor<T>& x, Tensor<T>& routed) {
+    const auto xm = x.matrix();
+    auto r = routed.matrix();
+    parallel_for(r.rows(), [&](int64_t begin, int64_t end) {
+      for (int64_t slot = begin; slot < end; ++slot) r.row(slot) = xm.row(c.token_of[slot]);
+    }, 64);
+  }
+
+  // y[n] += sum_j w[n,j] * routed_y[slot(n,j)], in j order.
+  template <class T>
+  static void combine(const MoeCache<T, Cpu>& c, Tensor<T>& y) {
+    const auto ry = c.routed_y.matrix();
+    auto ym = y.matrix();
+    const int64_t k = c.topk_idx.size(1);
+    parallel_for(ym.rows(), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t j = 0; j < k; ++j) ym.row(n) += c.topk_weight.data()[n * k + j] * ry.row(c.slot_of[n * k + j]);
+    }, 16);
+  }
+
+  // The balance loss and, when wanted, its gradient added into dscores.
+  template <class T>
+  static double balance_loss(const MoeConfig& cfg, MoeCache<T, Cpu>& c, bool with_gradient) {
+    const auto s = c.scores.matrix();
+    const int64_t tokens = s.rows(), experts = cfg.n_routed_experts, k = cfg.num_experts_per_tok;
+    const int64_t groups = cfg.seq_aux ? c.sequences : 1;
+    const int64_t per_group = tokens / groups;
+    double loss = 0.0;
+    for (int64_t b = 0; b < groups; ++b) {
+      std::vector<double> f(static_cast<std::size_t>(experts), 0.0), prob(static_cast<std::size_t>(experts), 0.0);
+      for (int64_t n = b * per_group; n < (b + 1) * per_group; ++n) {
+        for (int64_t j = 0; j < k; ++j) f[c.topk_idx.data()[n * k + j]] += 1.0;
+        const double total = s.row(n).template cast<double>().sum();
+        for (int64_t e = 0; e < experts; ++e) prob[e] += static_cast<double>(s(n, e)) / total;
+      }
+      for (int64_t e = 0; e < experts; ++e) {
+        f[e] *= static_cast<double>(experts) / static_cast<double>(k * per_group);
+        loss += cfg.aux_loss_alpha * f[e] * prob[e] / static_cast<double>(per_group) / static_cast<double>(groups);
+      }
+      if (!with_gradient) continue;
+      // dL/ds[n,e] = alpha/(T*groups) * (f_e / S_n - sum_m f_m s[n,m] / S_n^2), S_n = sum_m s[n,m]
+      const double scale = cfg.aux_loss_alpha / static_cast<double>(per_group) / static_cast<double>(groups);
+      auto ds = c.dscores.matrix();
+      for (int64_t n = b * per_group; n < (b + 1) * per_group; ++n) {
+        const double total = s.row(n).template cast<double>().sum();
+        double weighted = 0.0;
+        for (int64_t e = 0; e < experts; ++e) weighted += f[e] * static_cast<double>(s(n, e));
+        for (int64_t e = 0; e < experts; ++e)
+          ds(n, e) += static_cast<T>(scale * (f[e] / total - weighted / (total * total)));
+      }
+    }
+    return loss;
+  }
+
+  // dscores[n, idx_j] from the gradient of the combine weights (through the normalization).
+  template <class T>
+  static void weight_backward(const MoeConfig& cfg, MoeCache<T, Cpu>& c) {
+    const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok;
+    auto ds = c.dscores.matrix();
+    const auto s = c.scores.matrix();
+    const T scale = static_cast<T>(cfg.routed_scaling_factor);
+    parallel_for(tokens, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int32_t* idx = c.topk_idx.data() + n * k;
+        const T* dw = c.dweight.data() + n * k;
+        if (!cfg.norm_topk_prob) {
+          for (int64_t j = 0; j < k; ++j) ds(n, idx[j]) += scale * dw[j];
+          continue;
+        }
+        // w_j = scale * s_j / Z, Z = sum_i s_i + 1e-20: dw/ds_i = scale * (delta_ij / Z - s_j / Z^2)
+        T z = T(1e-20), dot = 0;
+        for (int64_t j = 0; j < k; ++j) z += s(n, idx[j]);
+        for (int64_t j = 0; j < k; ++j) dot += dw[j] * s(n, idx[j]);
+        for (int64_t j = 0; j < k; ++j) ds(n, idx[j]) += scale * (dw[j] / z - dot / (z * z));
+      }
+    }, 16);
+  }
+
+  // dlogits from dscores through sigmoid or softmax.
+  template <class T>
+  static void score_backward(const MoeConfig& cfg, MoeCache<T, Cpu>& c) {
+    const auto s = c.scores.matrix();
+    const auto ds = c.dscores.matrix();
+    auto dl = c.dlogits.matrix();
+    parallel_for(s.rows(), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        if (cfg.scoring_func == ScoringFunc::Sigmoid) {
+          dl.row(n) = (ds.row(n).array() * s.row(n).array() * (T(1) - s.row(n).array())).matrix();
+        } else {
+          const T dot = ds.row(n).dot(s.row(n));
+          dl.row(n) = (s.row(n).array() * (ds.row(n).array() - dot)).matrix();
+        }
+      }
+    }, 16);
+  }
+};
+
+// y = MoE(x); x is [N, D] or [B, S, D] (B sequences for the sequence-wise balance loss).
+template <class T, class Dev>
+const Tensor<T, Dev>& forward(const Moe<T, Dev>& p, ConstView<T, Dev> x, MoeCache<T, Dev>& c) {
+  const MoeConfig& cfg = p.config;
+  R1_CHECK(cfg.n_routed_experts > 0 && static_cast<int64_t>(p.experts.size()) == cfg.n_routed_experts,
+           "[moe.forward] the layer has ", p.experts.size(), " experts, its config ", cfg.n_routed_experts,
+           ": build it with Moe(config)");
+  R1_CHECK((x.rank() == 2 || x.rank() == 3) && x.size(x.rank() - 1) == cfg.dim, "[moe.forward] x has shape ", x.shape(),
+           ", expected [N, ", cfg.dim, "] or [B, S, ", cfg.dim, "]");
+  const int64_t tokens = x.numel() / cfg.dim, k = cfg.num_experts_per_tok;
+  c.sequences = x.rank() == 3 ? x.size(0) : 1;
+  const auto& logits = forward(p.gate, x, c.gate);
+  c.scores.resize(logits.shape());
+  MoeImpl<Dev>::score(cfg, logits, c.scores);
+  c.topk_idx.resize(Shape{tokens, k});
+  c.topk_weight.resize(Shape{tokens, k});
+  MoeImpl<Dev>::route(p, c);
+  MoeImpl<Dev>::sort_slots(cfg, c);
+
+  c.routed_x.resize(Shape{tokens * k, cfg.dim});
+  MoeImpl<Dev>::gather(c, c.gate.x, c.routed_x);
+  c.routed_y.resize(Shape{tokens * k, cfg.dim});
+  c.expert_caches.resize(p.experts.size());
+  for (int64_t e = 0; e < cfg.n_routed_experts; ++e) {
+    const int64_t begin = c.expert_offset[e], end = c.expert_offset[e + 1];
+    if (begin == end) continue;
+    const auto& out = forward(p.experts[e], c.routed_x.view().slice(0, begin, end), c.expert_caches[e]);
+    c.routed_y.view().slice(0, begin, end).matrix() = out.matrix();
+  }
+
+  c.y.resize(x.shape());
+  if (p.has_shared()) {
+    c.y.matrix() = forward(p.shared_experts, x, c.shared).matrix();
+  } else {
+    c.y.set_zero();
+  }
+  MoeImpl<Dev>::combine(c, c.y);
+  c.aux_loss = cfg.aux_loss_alpha > 0.0 ? MoeImpl<Dev>::balance_loss(cfg, c, /*with_gradient=*/false) : 0.0;
+  return c.y;
+}
+
+// dy -> dx; accumulates into every expert, the shared experts and the gate weight, and
+// adds the balance loss's gradient when aux_loss_alpha > 0.
+template <class T, class Dev>
+const Tensor<T, Dev>& backward(const Moe<T, Dev>& p, MoeCache<T, Dev>& c, ConstView<T, Dev> dy, Moe<T, Dev>& grads) {
+  const MoeConfig& cfg = p.config;
+  R1_CHECK(c.y.data() != nullptr, "[moe.backward] the cache holds no forward pass: call forward first");
+  R1_CHECK(dy.shape() == c.y.shape(), "[moe.backward] dy has shape ", dy.shape(), ", expected ", c.y.shape());
+  R1_CHECK(grads.experts.size() == p.experts.size() && grads.has_shared() == p.has_shared(),
+           "[moe.backward] grads do not match the layer: build them with r1::zeros_like(params)");
+  const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok;
+  const auto dy_m = dy.matrix();
+
+  // Per slot: d routed_y = w * dy[token], and dw = dy[token] . routed_y.
+  c.dweight.resize(Shape{tokens, k});
+  c.d_routed.resize(c.routed_y.shape());
+  {
+    auto dr = c.d_routed.matrix();
+    const auto ry = c.routed_y.matrix();
+    parallel_for(tokens, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t slot = c.slot_of[n * k + j];
+          dr.row(slot) = c.topk_weight.data()[n * k + j] * dy_m.row(n);
+          c.dweight.data()[n * k + j] = dy_m.row(n).dot(ry.row(slot));
+        }
+    }, 16);
+  }
+
+  // Experts: each backward over its slice; d routed_x lands in d_routed's place.
+  for (int64_t e = 0; e < cfg.n_routed_experts; ++e) {
+    const int64_t begin = c.expert_offset[e], end = c.expert_offset[e + 1];
+    if (begin == end) continue;
+    auto slice = c.d_routed.view().slice(0, begin, end);
+    const auto& dxe = backward(p.experts[e], c.expert_caches[e], slice, grads.experts[e]);
+    slice.matrix() = dxe.matrix();
+  }
+
+  // dx = shared backward + per token, in slot order, the routed input gradients + gate path.
+  c.dx.resize(c.y.shape());
+  if (p.has_shared()) {
+    c.dx = backward(p.shared_experts, c.shared, dy, grads.shared_experts);
+  } else {
+    c.dx.set_zero();
+  }
+  {
+    auto dxm = c.dx.matrix();
+    const auto dr = c.d_routed.matrix();
+    parallel_for(tokens, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t j = 0; j < k; ++j) dxm.row(n) += dr.row(c.slot_of[n * k + j]);
+    }, 16);
+  }
+
+  c.dscores.resize(c.scores.shape(), /*zero=*/true);
+  MoeImpl<Dev>::weight_backward(cfg, c);
+  if (cfg.aux_loss_alpha > 0.0) MoeImpl<Dev>::balance_loss(cfg, c, /*with_gradient=*/true);
+  c.dlogits.resize(c.scores.shape());
+  MoeImpl<Dev>::score_backward(cfg, c);
+  c.dx.matrix() += backward(p.gate, c.gate, c.dlogits, grads.gate).matrix();
+  return c.dx;
+}
+
+// Load statistics of the routing in the cache.
+template <class T, class Dev>
+MoeStats routing_stats(const Moe<T, Dev>& p, const MoeCache<T, Dev>& c) {
+  const MoeConfig& cfg = p.config;
+  R1_CHECK(!c.expert_offset.empty(), "[moe.routing_stats] the cache holds no forward pass");
+  MoeStats stats;
+  stats.tokens_per_expert.resize(static_cast<std::size_t>(cfg.n_routed_experts));
+  for (int64_t e = 0; e < cfg.n_routed_experts; ++e) stats.tokens_per_expert[e] = c.expert_offset[e + 1] - c.expert_offset[e];
+  const double mean = static_cast<double>(c.topk_idx.numel()) / static_cast<double>(cfg.n_routed_experts);
+  const int64_t max_load = *std::max_element(stats.tokens_per_expert.begin(), stats.tokens_per_expert.end());
+  stats.max_over_mean_load = mean > 0.0 ? static_cast<double>(max_load) / mean : 0.0;
+  const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok, group_size = cfg.n_routed_experts / cfg.n_group;
+  stats.group_fraction.assign(static_cast<std::size_t>(cfg.n_group), 0.0);
+  for (int64_t n = 0; n < tokens; ++n) {
+    std::vector<bool> hit(static_cast<std::size_t>(cfg.n_group), false);
+    for (int64_t j = 0; j < k; ++j) hit[c.topk_idx.data()[n * k + j] / group_size] = true;
+    for (int64_t g = 0; g < cfg.n_group; ++g) stats.group_fraction[g] += hit[g] ? 1.0 / static_cast<double>(tokens) : 0.0;
+  }
+  return stats;
+}
+
+// Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i) from
+// the routing in the cache. Call it once per step, after the optimizer, when you want it.
+template <class T, class Dev>
+void update_bias(Moe<T, Dev>& p, const MoeCache<T, Dev>& c, double gamma = 0.001) {
+  R1_CHECK(gamma >= 0.0, "[moe.update_bias] gamma is ", gamma, ", expected >= 0");
+  R1_CHECK(p.config.topk_method == TopkMethod::NoAuxTc, "[moe.update_bias] the bias only takes part in routing with "
+           "topk_method noaux_tc");
+  const MoeStats stats = routing_stats(p, c);
+  const double mean = static_cast<double>(c.topk_idx.numel()) / static_cast<double>(p.config.n_routed_experts);
+  for (int64_t e = 0; e < p.config.n_routed_experts; ++e) {
+    const double load = static_cast<double>(stats.tokens_per_expert[e]);
+    const double direction = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
+    p.e_score_correction_bias.data()[e] += static_cast<T>(gamma * direction);
+  }
+}
+
+}  // namespace r1
