@@ -12,7 +12,7 @@
 //   projection, and (K=7168, N=2048), the model-dim projection; on 1 and 2 threads
 //   (r1::set_num_threads, which sets Eigen's and OpenBLAS's thread counts).
 //   peak_fma: a register-only loop of independent FMA chains (16 with 512-bit vectors,
-//   12 with 256-bit) on each thread, OpenMP for 2 threads: the fp32 ceiling, measured
+//   12 with 256-bit) on each of 1 or 2 std::threads: the fp32 ceiling, measured
 //   rather than assumed because VMs land on different hosts (Zen 4 EPYC double-pumps
 //   512-bit FMAs: about 117 GFLOP/s per thread; Zen 5 EPYC: about 219-234).
 //
@@ -128,11 +128,7 @@ int main(int argc, char** argv) {
   fmt::print("{}\n", r1::bench::machine_json());
   r1::bench::warn_if_busy();
 
-  std::vector<int> threads = opt.threads;
-#if !defined(_OPENMP)
-  if (threads != std::vector<int>{1}) std::fprintf(stderr, "note: built without OpenMP; measuring 1 thread only\n");
-  threads = {1};
-#endif
+  const std::vector<int> threads = opt.threads;
 
   // Peaks first, before any OpenBLAS or Eigen worker thread exists to compete with them.
   std::vector<double> peak(threads.size());

@@ -7,9 +7,11 @@
 
 #include "support.hpp"
 
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <thread>
 
 using r1::Shape;
 using r1::Tensor;
@@ -288,5 +290,35 @@ TEST_CASE("parallel_for covers every index once for any thread count", "[paralle
     }
   }
   REQUIRE_R1_ERROR(r1::set_num_threads(0), "[set_num_threads] n is 0, expected >= 1");
+  r1::set_num_threads(2);
+}
+
+TEST_CASE("parallel_for: workers run the chunks, errors reach the caller, nesting runs inline", "[parallel]") {
+  r1::set_num_threads(3);
+  std::vector<std::thread::id> ran_on(3);
+  r1::parallel_for(3, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) ran_on[i] = std::this_thread::get_id();
+  });
+  REQUIRE(ran_on[0] == std::this_thread::get_id());  // the caller takes the first chunk
+  REQUIRE(ran_on[1] != ran_on[0]);
+  REQUIRE(ran_on[2] != ran_on[1]);
+
+  REQUIRE_R1_ERROR(r1::parallel_for(3, [](int64_t begin, int64_t) { R1_CHECK(begin == 0, "[worker] chunk at ", begin); }),
+                   "[worker] chunk at ");  // chunk 1 or 2, whichever threw first
+
+  std::vector<int> inner_hits(9, 0);
+  r1::parallel_for(3, [&](int64_t begin, int64_t end) {
+    for (int64_t outer = begin; outer < end; ++outer)
+      r1::parallel_for(3, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) ++inner_hits[outer * 3 + i];
+      });
+  });
+  REQUIRE(std::count(inner_hits.begin(), inner_hits.end(), 1) == 9);
+
+  // Many small back-to-back regions: the pool hands over and wakes up every time.
+  std::atomic<int64_t> total{0};
+  for (int round = 0; round < 2000; ++round)
+    r1::parallel_for(2, [&](int64_t begin, int64_t end) { total += end - begin; });
+  REQUIRE(total == 4000);
   r1::set_num_threads(2);
 }

@@ -63,13 +63,12 @@ void gemm(const A& a, const B& b, C&& c, bool accumulate = false) {
 #if defined(R1_USE_OPENBLAS)
   product(c, a, b);
 #else
-  // Chunks of bands carry at least 2^18 flops, so small products stay on one thread.
   using Scalar = typename Dest::Scalar;
   const bool split_rows = c.rows() >= c.cols();
   const int64_t band = split_rows ? 16 : Eigen::internal::gebp_traits<Scalar, Scalar>::mr;
   const int64_t length = split_rows ? c.rows() : c.cols();
   const int64_t bands = std::max<int64_t>(1, length / band);  // the last band takes the remainder
-  const int64_t flops_per_band = 2 * band * (split_rows ? c.cols() : c.rows()) * std::max<int64_t>(a.cols(), 1);
+  const int64_t madds_per_band = band * (split_rows ? c.cols() : c.rows()) * std::max<int64_t>(a.cols(), 1);
   parallel_for(bands, [&](int64_t begin, int64_t end) {
     const int64_t first = begin * band, count = (end == bands ? length : end * band) - first;
     if (split_rows) {
@@ -77,7 +76,7 @@ void gemm(const A& a, const B& b, C&& c, bool accumulate = false) {
     } else {
       product(c.middleCols(first, count), a, b.middleCols(first, count));
     }
-  }, std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(flops_per_band, 1)));
+  }, min_items_per_thread(madds_per_band));
 #endif
 }
 

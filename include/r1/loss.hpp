@@ -55,7 +55,7 @@ struct LossImpl<Cpu> {
         const auto shifted = (x.row(n).array() - x.row(n).maxCoeff()).eval();
         y.row(n) = (shifted - std::log(shifted.exp().sum())).matrix();
       }
-    }, 4);
+    }, min_items_per_thread(8 * x.cols()));
   }
 
   // dx = dy - exp(y) * rowsum(dy); dx may alias dy.
@@ -66,7 +66,7 @@ struct LossImpl<Cpu> {
         const auto total = dy.row(n).sum();
         dx.row(n) = dy.row(n) - (y.row(n).array().exp() * total).matrix();
       }
-    }, 4);
+    }, min_items_per_thread(4 * y.cols()));
   }
 
   template <class T>
@@ -95,7 +95,7 @@ struct LossImpl<Cpu> {
         dl.row(n) = lp.row(n).array().exp() * scale;
         dl(n, t) -= scale;
       }
-    }, 4);
+    }, min_items_per_thread(4 * lp.cols()));
   }
 };
 

@@ -171,7 +171,7 @@ struct MoeImpl<Cpu> {
           s.row(n) = (e / e.sum()).matrix();
         }
       }
-    }, 16);
+    }, min_items_per_thread(8 * l.cols()));
   }
 
   // Indices of the k largest values, best first; ties go to the lower index.
@@ -226,7 +226,7 @@ struct MoeImpl<Cpu> {
         const T norm = cfg.norm_topk_prob ? T(1) / (total + T(1e-20)) : T(1);
         for (int64_t j = 0; j < k; ++j) w(n, j) *= norm * static_cast<T>(cfg.routed_scaling_factor);
       }
-    }, 16);
+    }, min_items_per_thread(8 * experts));
   }
 
   // Counting sort of the N*k slots by expert, stable in token order.
@@ -253,7 +253,7 @@ struct MoeImpl<Cpu> {
     auto r = routed.matrix();
     parallel_for(r.rows(), [&](int64_t begin, int64_t end) {
       for (int64_t slot = begin; slot < end; ++slot) r.row(slot) = xm.row(c.token_of[slot]);
-    }, 64);
+    }, min_items_per_thread(r.cols()));
   }
 
   // y[n] += sum_j w[n,j] * routed_y[slot(n,j)], in j order.
@@ -265,7 +265,7 @@ struct MoeImpl<Cpu> {
     parallel_for(ym.rows(), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n)
         for (int64_t j = 0; j < k; ++j) ym.row(n) += c.topk_weight.data()[n * k + j] * ry.row(c.slot_of[n * k + j]);
-    }, 16);
+    }, min_items_per_thread(k * ym.cols()));
   }
 
   // The balance loss and, when wanted, its gradient added into dscores.
@@ -323,7 +323,7 @@ struct MoeImpl<Cpu> {
         for (int64_t j = 0; j < k; ++j) dot += dw[j] * s(n, idx[j]);
         for (int64_t j = 0; j < k; ++j) ds(n, idx[j]) += scale * (dw[j] / z - dot / (z * z));
       }
-    }, 16);
+    }, min_items_per_thread(4 * k));
   }
 
   // dlogits from dscores through sigmoid or softmax.
@@ -341,7 +341,7 @@ struct MoeImpl<Cpu> {
           dl.row(n) = (s.row(n).array() * (ds.row(n).array() - dot)).matrix();
         }
       }
-    }, 16);
+    }, min_items_per_thread(4 * s.cols()));
   }
 };
 
@@ -411,7 +411,7 @@ const Tensor<T, Dev>& backward(const Moe<T, Dev>& p, MoeCache<T, Dev>& c, ConstV
           dr.row(slot) = c.topk_weight.data()[n * k + j] * dy_m.row(n);
           c.dweight.data()[n * k + j] = dy_m.row(n).dot(ry.row(slot));
         }
-    }, 16);
+    }, min_items_per_thread(k * cfg.dim));
   }
 
   // Experts: each backward over its slice; d routed_x lands in d_routed's place.
@@ -436,7 +436,7 @@ const Tensor<T, Dev>& backward(const Moe<T, Dev>& p, MoeCache<T, Dev>& c, ConstV
     parallel_for(tokens, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n)
         for (int64_t j = 0; j < k; ++j) dxm.row(n) += dr.row(c.slot_of[n * k + j]);
-    }, 16);
+    }, min_items_per_thread(k * dxm.cols()));
   }
 
   c.dscores.resize(c.scores.shape(), /*zero=*/true);

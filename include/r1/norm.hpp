@@ -63,7 +63,7 @@ struct RMSNormImpl<Cpu> {
         rstd[m] = T(1) / std::sqrt(x.row(m).squaredNorm() * inv_dim + static_cast<T>(p.eps));
         y.row(m) = (x.row(m) * rstd[m]).cwiseProduct(w);
       }
-    }, 16);
+    }, min_items_per_thread(3 * x.cols()));
   }
 
   template <class T>
@@ -81,7 +81,7 @@ struct RMSNormImpl<Cpu> {
         const T mean_dot = gw.dot(xh) * inv_dim;
         dx.row(m) = rstd[m] * (gw - xh * mean_dot);
       }
-    }, 16);
+    }, min_items_per_thread(6 * x.cols()));
     // Column sums in row order: the same result for any thread count.
     g.weight.matrix() += (dy_m.array() * (x.array().colwise() * rstd.array())).colwise().sum().matrix();
   }

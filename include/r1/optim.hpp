@@ -127,7 +127,7 @@ struct OptimImpl<Cpu> {
         vp[i] = b2 * vp[i] + (T(1) - b2) * gp[i] * gp[i];
         pp[i] -= step_size * mp[i] / (std::sqrt(vp[i]) * inv_bc2 + eps);
       }
-    }, 1 << 14);
+    }, min_items_per_thread(8));
   }
 
   template <class T>

@@ -7,6 +7,7 @@
 #include "linear.hpp"
 #include "loss.hpp"
 #include "mlp.hpp"
+#include "moe.hpp"
 #include "norm.hpp"
 #include "numeric.hpp"
 #include "optim.hpp"

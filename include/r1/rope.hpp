@@ -133,7 +133,7 @@ struct RopeImpl<Cpu> {
           }
         }
       }
-    }, 8);
+    }, min_items_per_thread(xm.cols() * heads + 16 * half));
   }
 };
 
