@@ -160,6 +160,19 @@ TEST_CASE("views: slices, select, reshape and Eigen maps share data", "[tensor]"
   REQUIRE(t(1, 2, 1) == 0.0);
   REQUIRE(t(1, 2, 3) == 23.0);
 
+  // A slice whose second-to-last dim has size 1 still steps rows by the outer stride.
+  auto one_row = v.slice(1, 2, 3);  // [2, 1, 4]
+  REQUIRE(one_row.matrix().rows() == 2);
+  REQUIRE(one_row.matrix()(1, 0) == t(1, 2, 0));
+  auto narrow = v.slice(1, 1, 2).slice(2, 1, 3);  // [2, 1, 2], strided in every dim
+  REQUIRE(narrow.matrix()(1, 1) == t(1, 1, 2));
+  // Leading dims of size 1 flatten whatever their stride.
+  Tensor<double> wide(Shape{1, 4, 3});
+  wide(0, 2, 1) = 5.0;
+  REQUIRE(wide.view().slice(1, 1, 3).matrix()(1, 1) == 5.0);
+  // Two sliced leading dims cannot become one row sequence.
+  REQUIRE_R1_ERROR(v.slice(1, 0, 2).matrix(), "[View.matrix] leading dims of shape [2, 2, 4] with strides [12, 4, 1] cannot be flattened");
+
   auto second = v.select(1);
   REQUIRE(second.shape() == Shape{3, 4});
   REQUIRE(second(0, 0) == 12.0);

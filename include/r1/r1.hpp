@@ -6,6 +6,7 @@
 #include "embedding.hpp"
 #include "linear.hpp"
 #include "loss.hpp"
+#include "mla.hpp"
 #include "mlp.hpp"
 #include "moe.hpp"
 #include "norm.hpp"

@@ -206,14 +206,26 @@ class View {
     R1_CHECK(rank() >= 1, "[View.matrix] on a rank-0 view");
     const int64_t cols = shape_[rank() - 1];
     R1_CHECK(cols <= 1 || strides_[rank() - 1] == 1, "[View.matrix] last dim of shape ", shape_, " is strided");
-    if (rank() == 1) return MatrixMap<T>(data_, 1, cols, Eigen::OuterStride<>(std::max<int64_t>(cols, 1)));
-    int64_t rows = 1;
-    for (int d = 0; d < rank() - 1; ++d) rows *= shape_[d];
-    for (int d = 0; d < rank() - 2; ++d)
-      R1_CHECK(shape_[d + 1] <= 1 || strides_[d] == strides_[d + 1] * shape_[d + 1], "[View.matrix] leading dims of shape ",
-               shape_, " cannot be flattened into rows");
-    const int64_t row_stride = strides_[rank() - 2];
-    return MatrixMap<T>(data_, rows, cols, Eigen::OuterStride<>(rows > 1 ? row_stride : std::max<int64_t>(cols, 1)));
+    // The rows step by the stride of the innermost leading dim longer than 1; each longer
+    // leading dim further out must step over exactly the dims inside it. Dims of size 1
+    // take no steps, so their strides do not matter.
+    int64_t rows = 1, row_stride = std::max<int64_t>(cols, 1);
+    int inner = -1;
+    for (int d = rank() - 2; d >= 0; --d) {
+      rows *= shape_[d];
+      if (shape_[d] <= 1) continue;
+      if (inner < 0) {
+        row_stride = strides_[d];
+      } else {
+        Shape strides;  // printed like a shape
+        strides.dims = strides_;
+        strides.rank = rank();
+        R1_CHECK(strides_[d] == strides_[inner] * shape_[inner], "[View.matrix] leading dims of shape ", shape_,
+                 " with strides ", strides, " cannot be flattened into rows");
+      }
+      inner = d;
+    }
+    return MatrixMap<T>(data_, rows, cols, Eigen::OuterStride<>(row_stride));
   }
 
   VectorMap<T> vector() const {
