@@ -110,16 +110,8 @@ Options parse(int argc, char** argv) {
     } else if (a == "--context") {
       o.single.context = value();
     } else if (a == "--threads" && i + 1 < argc) {
-      o.threads.clear();
-      const std::string list = argv[++i];
-      std::size_t pos = 0;
-      while (pos <= list.size()) {
-        const std::size_t comma = std::min(list.find(',', pos), list.size());
-        const int t = std::atoi(list.substr(pos, comma - pos).c_str());
-        if (t < 1) usage(argv[0], 2);
-        o.threads.push_back(t);
-        pos = comma + 1;
-      }
+      o.threads = r1::bench::parse_thread_list(argv[++i]);
+      if (o.threads.empty()) usage(argv[0], 2);
     } else if (a == "--help" || a == "-h") {
       usage(argv[0], 0);
     } else {
@@ -326,11 +318,7 @@ void run_decode(const Case& c, int threads, double stream, const r1::bench::Timi
 
 int main(int argc, char** argv) {
   const Options opt = parse(argc, argv);
-  r1::bench::reexec_without_openblas_coretype(argv, false);
-  r1::bench::keep_freed_memory();
-  r1::bench::describe_backend();
-  fmt::print("{}\n", r1::bench::machine_json());
-  r1::bench::warn_if_busy();
+  r1::bench::start(argv, false);
 
   std::vector<Case> cases;
   if (opt.custom) {

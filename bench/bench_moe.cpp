@@ -74,14 +74,8 @@ Options parse(int argc, char** argv) {
     if (a == "--quick") {
       o.quick = true;
     } else if (a == "--threads" && i + 1 < argc) {
-      o.threads.clear();
-      for (std::string_view list = argv[++i]; !list.empty();) {
-        const std::size_t comma = std::min(list.find(','), list.size());
-        const int t = std::atoi(std::string(list.substr(0, comma)).c_str());
-        if (t < 1) usage(argv[0], 2);
-        o.threads.push_back(t);
-        list.remove_prefix(std::min(comma + 1, list.size()));
-      }
+      o.threads = r1::bench::parse_thread_list(argv[++i]);
+      if (o.threads.empty()) usage(argv[0], 2);
     } else if (a == "--tokens") {
       custom.tokens = value(), has_custom = true;
     } else if (a == "--dim") {
@@ -123,11 +117,7 @@ void emit(const char* name, const Case& c, int threads, double flops, double sec
 
 int main(int argc, char** argv) {
   const Options opt = parse(argc, argv);
-  r1::bench::reexec_without_openblas_coretype(argv, false);
-  r1::bench::keep_freed_memory();
-  r1::bench::describe_backend();
-  fmt::print("{}\n", r1::bench::machine_json());
-  r1::bench::warn_if_busy();
+  r1::bench::start(argv, false);
   r1::bench::TimingPlan plan;
   if (opt.quick) {
     plan.budget_s = 0.1;

@@ -320,4 +320,30 @@ inline double peak_fma_gflops(int threads, int repeats) {
   return best;
 }
 
+// "1,2" -> {1, 2}; empty when any entry is not a positive integer.
+inline std::vector<int> parse_thread_list(const std::string& list) {
+  std::vector<int> threads;
+  std::size_t pos = 0;
+  while (pos <= list.size()) {
+    const std::size_t comma = std::min(list.find(',', pos), list.size());
+    const int t = std::atoi(list.substr(pos, comma - pos).c_str());
+    if (t < 1) return {};
+    threads.push_back(t);
+    pos = comma + 1;
+  }
+  return threads;
+}
+
+// What every benchmark does first: re-execute without OPENBLAS_CORETYPE (OpenBLAS builds,
+// unless keep_coretype), keep freed memory mapped, describe the backend on stderr, print
+// the machine line, and warn if the machine is busy.
+inline void start(char** argv, bool keep_coretype) {
+  reexec_without_openblas_coretype(argv, keep_coretype);
+  keep_freed_memory();
+  describe_backend();
+  std::printf("%s\n", machine_json().c_str());
+  std::fflush(stdout);
+  warn_if_busy();
+}
+
 }  // namespace r1::bench
