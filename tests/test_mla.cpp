@@ -62,18 +62,22 @@ void load_params(r1::Mla<T>& p, const nlohmann::json& c, const std::string& pref
   });
 }
 
-r1::MlaConfig small_config(int64_t q_lora) {
+// A config from its dims, in the order of the legend in mla.hpp: D, H, Q, C, N, R, V.
+r1::MlaConfig mla_shape(int64_t dim, int64_t heads, int64_t q_lora, int64_t kv_lora, int64_t nope, int64_t rope, int64_t v,
+                        int64_t max_positions = 4096) {
   r1::MlaConfig cfg;
-  cfg.dim = 6;
-  cfg.num_attention_heads = 2;
+  cfg.dim = dim;
+  cfg.num_attention_heads = heads;
   cfg.q_lora_rank = q_lora;
-  cfg.kv_lora_rank = 4;
-  cfg.qk_nope_head_dim = 2;
-  cfg.qk_rope_head_dim = 2;
-  cfg.v_head_dim = 3;
-  cfg.max_position_embeddings = 64;
+  cfg.kv_lora_rank = kv_lora;
+  cfg.qk_nope_head_dim = nope;
+  cfg.qk_rope_head_dim = rope;
+  cfg.v_head_dim = v;
+  cfg.max_position_embeddings = max_positions;
   return cfg;
 }
+
+r1::MlaConfig small_config(int64_t q_lora) { return mla_shape(6, 2, q_lora, 4, 2, 2, 3, 64); }
 
 template <class T>
 r1::Mla<T> random_mla(const r1::MlaConfig& cfg, uint64_t seed) {
@@ -201,14 +205,7 @@ TEST_CASE("mla visit uses the HF tensor names", "[mla]") {
 }
 
 TEST_CASE("mla gives bit-identical results on 1, 2 and 3 threads", "[mla][parallel]") {
-  r1::MlaConfig cfg;
-  cfg.dim = 64;
-  cfg.num_attention_heads = 4;
-  cfg.q_lora_rank = 24;
-  cfg.kv_lora_rank = 16;
-  cfg.qk_nope_head_dim = 8;
-  cfg.qk_rope_head_dim = 4;
-  cfg.v_head_dim = 8;
+  const r1::MlaConfig cfg = mla_shape(64, 4, 24, 16, 8, 4, 8);
   const auto p = random_mla<float>(cfg, 40);
   Tensor<float> x(Shape{3, 37, 64}), dy(Shape{3, 37, 64});
   r1::Rng rng(41);
@@ -295,15 +292,7 @@ TEST_CASE("mla rejects invalid configs, wrong shapes and a backward without forw
 template <class T>
 void check_absorbed_against_training(int64_t q_lora, int64_t block_size) {
   INFO("q_lora_rank " << q_lora << ", block_size " << block_size << ", " << (sizeof(T) == 4 ? "float" : "double"));
-  r1::MlaConfig cfg;
-  cfg.dim = 32;
-  cfg.num_attention_heads = 4;
-  cfg.q_lora_rank = q_lora;
-  cfg.kv_lora_rank = 16;
-  cfg.qk_nope_head_dim = 8;
-  cfg.qk_rope_head_dim = 4;
-  cfg.v_head_dim = 6;
-  cfg.max_position_embeddings = 256;
+  r1::MlaConfig cfg = mla_shape(32, 4, q_lora, 16, 8, 4, 6, 256);
   cfg.rope.factor = 2.0;
   cfg.rope.original_max_position_embeddings = 16;
   cfg.rope.mscale_all_dim = 1.0;
@@ -458,14 +447,7 @@ TEST_CASE("absorbed MLA: a full pool or a position past the limit throws before 
 }
 
 TEST_CASE("absorbed MLA gives bit-identical results on 1, 2 and 3 threads", "[mla][absorbed][parallel]") {
-  r1::MlaConfig cfg;
-  cfg.dim = 64;
-  cfg.num_attention_heads = 4;
-  cfg.q_lora_rank = 0;
-  cfg.kv_lora_rank = 32;
-  cfg.qk_nope_head_dim = 8;
-  cfg.qk_rope_head_dim = 8;
-  cfg.v_head_dim = 8;
+  const r1::MlaConfig cfg = mla_shape(64, 4, 0, 32, 8, 8, 8);
   const auto p = random_mla<float>(cfg, 80);
   Tensor<float> prompt(Shape{2, 300, 64}), step(Shape{2, 1, 64});
   r1::Rng rng(81);
