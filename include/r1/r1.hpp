@@ -8,6 +8,7 @@
 #include "loss.hpp"
 #include "mla.hpp"
 #include "mlp.hpp"
+#include "model.hpp"
 #include "moe.hpp"
 #include "norm.hpp"
 #include "numeric.hpp"
