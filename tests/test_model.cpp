@@ -1,8 +1,10 @@
-// Tests of r1/model.hpp: config.json parsing, the training forward/backward with MTP and
-// the MoE balance loss against finite differences, and cached inference against the
-// training path.
+// Tests of r1/model.hpp and r1/generate.hpp: config.json parsing, the training
+// forward/backward with MTP and the MoE balance loss against finite differences, cached
+// inference against the training path, sampling and batched generation.
+#include <r1/generate.hpp>
 #include <r1/model.hpp>
 
+#include "model_support.hpp"
 #include "support.hpp"
 
 #include <catch2/catch.hpp>
@@ -13,80 +15,12 @@ using r1::Shape;
 using r1::Tensor;
 using r1test::check_gradient_sampled;
 using r1test::max_abs_diff;
+using r1test::random_ids;
+using r1test::random_model;
+using r1test::tiny_v2_json;
+using r1test::tiny_v3_json;
 
 namespace {
-
-// A tiny DeepSeek-V3: YaRN, q and kv LoRA, a dense layer then MoE layers with sigmoid
-// group-limited routing, a bias and a shared expert, the balance loss, and one MTP module.
-nlohmann::json tiny_v3_json() {
-  return {
-      {"architectures", {"DeepseekV3ForCausalLM"}},
-      {"model_type", "deepseek_v3"},
-      {"vocab_size", 37},
-      {"hidden_size", 16},
-      {"intermediate_size", 24},
-      {"moe_intermediate_size", 8},
-      {"num_hidden_layers", 3},
-      {"first_k_dense_replace", 1},
-      {"moe_layer_freq", 1},
-      {"num_attention_heads", 2},
-      {"num_key_value_heads", 2},
-      {"n_routed_experts", 8},
-      {"n_shared_experts", 1},
-      {"num_experts_per_tok", 2},
-      {"n_group", 4},
-      {"topk_group", 2},
-      {"topk_method", "noaux_tc"},
-      {"scoring_func", "sigmoid"},
-      {"norm_topk_prob", true},
-      {"routed_scaling_factor", 2.5},
-      {"aux_loss_alpha", 0.01},
-      {"seq_aux", true},
-      {"q_lora_rank", 12},
-      {"kv_lora_rank", 8},
-      {"qk_nope_head_dim", 4},
-      {"qk_rope_head_dim", 4},
-      {"v_head_dim", 4},
-      {"rms_norm_eps", 1e-6},
-      {"rope_theta", 10000.0},
-      {"rope_scaling",
-       {{"type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 16}, {"beta_fast", 32}, {"beta_slow", 1},
-        {"mscale", 1.0}, {"mscale_all_dim", 1.0}}},
-      {"max_position_embeddings", 64},
-      {"tie_word_embeddings", false},
-      {"num_nextn_predict_layers", 1},
-      {"hidden_act", "silu"},
-      {"attention_bias", false},
-      {"torch_dtype", "bfloat16"},
-      {"bos_token_id", 0},
-      {"eos_token_id", 1},
-  };
-}
-
-// V2-Lite style: softmax greedy routing, a plain q_proj, no MTP.
-nlohmann::json tiny_v2_json() {
-  auto j = tiny_v3_json();
-  j["model_type"] = "deepseek_v2";
-  j["architectures"] = {"DeepseekV2ForCausalLM"};
-  j["q_lora_rank"] = nullptr;
-  j["topk_method"] = "greedy";
-  j["scoring_func"] = "softmax";
-  j["norm_topk_prob"] = false;
-  j["routed_scaling_factor"] = 1.0;
-  j["num_nextn_predict_layers"] = 0;
-  j.erase("rope_scaling");
-  return j;
-}
-
-template <class T>
-r1::Model<T> random_model(const r1::ModelConfig& config, uint64_t seed) {
-  r1::Model<T> m(config);
-  r1::Rng rng(seed);
-  // Larger than HF's 0.02 so that every path carries a signal the check can see.
-  m.visit([&](const std::string&, Tensor<T>& t) { r1::fill_normal(t.view(), rng, t.rank() == 2 ? 0.0 : 1.0, 0.3); });
-  m.visit_buffers([&](const std::string&, Tensor<T>& t) { r1::fill_normal(t.view(), rng, 0.0, 0.05); });
-  return m;
-}
 
 // Five elements of every parameter against central differences of loss.
 void check_model_gradients(r1::Model<double>& m, r1::Model<double>& grads, const std::function<double()>& loss) {
@@ -96,13 +30,6 @@ void check_model_gradients(r1::Model<double>& m, r1::Model<double>& grads, const
     INFO(name);
     check_gradient_sampled(t, *grad_of.at(name), loss, 5, 1e-6, 1e-5);
   });
-}
-
-Tensor<int32_t> random_ids(Shape shape, int64_t vocab, uint64_t seed) {
-  Tensor<int32_t> ids(shape);
-  r1::Rng rng(seed);
-  for (int64_t i = 0; i < ids.numel(); ++i) ids.data()[i] = static_cast<int32_t>(rng.next_u64() % vocab);
-  return ids;
 }
 
 }  // namespace
@@ -300,4 +227,122 @@ TEST_CASE("model rejects bad ids, full caches and positions past the maximum", "
   const int64_t r = roomy.add_sequence();
   REQUIRE_R1_ERROR(r1::forward_cached(m, Tensor<int32_t>(Shape{1, 65}), {r}, roomy), "past max_position_embeddings 64");
   CHECK(roomy.length(r) == 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sampling and generation
+
+namespace {
+
+// Frequencies of n draws from one row of logits.
+std::vector<double> frequencies(const std::vector<float>& logits, const r1::SamplingConfig& config, int n, uint64_t seed) {
+  r1::Rng rng(seed);
+  r1::SamplerWorkspace w;
+  std::vector<double> count(logits.size(), 0.0);
+  const r1::View<const float> row(logits.data(), Shape{static_cast<int64_t>(logits.size())});
+  for (int i = 0; i < n; ++i) count[r1::sample(row, config, rng, w)] += 1.0 / n;
+  return count;
+}
+
+}  // namespace
+
+TEST_CASE("sample follows temperature, top-k and top-p", "[generate]") {
+  // Probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1.
+  const std::vector<float> logits{std::log(0.3f), std::log(0.05f), std::log(0.5f), std::log(0.15f)};
+  r1::Rng rng(1);
+  r1::SamplerWorkspace w;
+  const r1::View<const float> row(logits.data(), Shape{4});
+  CHECK(r1::sample(row, {.temperature = 0.0}, rng, w) == 2);
+  CHECK(r1::sample(row, {.temperature = 5.0, .top_k = 1}, rng, w) == 2);
+  const std::vector<float> tie{1.0f, 3.0f, 3.0f};
+  CHECK(r1::sample(r1::View<const float>(tie.data(), Shape{3}), {.temperature = 0.0}, rng, w) == 1);
+
+  const int n = 200000;  // standard error below 0.0012
+  auto f = frequencies(logits, {}, n, 3);
+  CHECK(f[2] == Approx(0.5).margin(0.005));
+  CHECK(f[0] == Approx(0.3).margin(0.005));
+  CHECK(f[3] == Approx(0.15).margin(0.005));
+  CHECK(f[1] == Approx(0.05).margin(0.005));
+  // Temperature 2: p proportional to sqrt(p).
+  f = frequencies(logits, {.temperature = 2.0}, n, 4);
+  const double z = std::sqrt(0.5) + std::sqrt(0.3) + std::sqrt(0.15) + std::sqrt(0.05);
+  CHECK(f[2] == Approx(std::sqrt(0.5) / z).margin(0.005));
+  CHECK(f[1] == Approx(std::sqrt(0.05) / z).margin(0.005));
+  // Top-k 2 renormalizes over the two best.
+  f = frequencies(logits, {.top_k = 2}, n, 5);
+  CHECK(f[2] == Approx(0.625).margin(0.005));
+  CHECK(f[0] == Approx(0.375).margin(0.005));
+  CHECK(f[1] + f[3] == 0.0);
+  // Top-p 0.7: 0.5 < 0.7 keeps the second token, 0.8 >= 0.7 stops (HF's TopPLogitsWarper).
+  f = frequencies(logits, {.top_p = 0.7}, n, 6);
+  CHECK(f[2] == Approx(0.625).margin(0.005));
+  CHECK(f[1] + f[3] == 0.0);
+  f = frequencies(logits, {.top_p = 0.85}, n, 7);
+  CHECK(f[3] == Approx(0.15 / 0.95).margin(0.005));
+  CHECK(f[1] == 0.0);
+  // The same seed draws the same tokens.
+  CHECK(frequencies(logits, {.top_p = 0.9}, 1000, 8) == frequencies(logits, {.top_p = 0.9}, 1000, 8));
+
+  REQUIRE_R1_ERROR(r1::sample(row, {.temperature = -1.0}, rng, w), "temperature is -1");
+  REQUIRE_R1_ERROR(r1::sample(row, {.top_p = 0.0}, rng, w), "top_p is 0, expected in (0, 1]");
+  REQUIRE_R1_ERROR(r1::sample(row, {.top_k = -2}, rng, w), "top_k is -2");
+  const std::vector<float> nan{0.0f, std::nanf("")};
+  REQUIRE_R1_ERROR(r1::sample(r1::View<const float>(nan.data(), Shape{2}), {}, rng, w), "logit 1 is NaN");
+}
+
+TEST_CASE("greedy generation picks each token as the training forward's argmax", "[generate]") {
+  const auto config = r1::ModelConfig::from_json(tiny_v3_json());
+  const auto m = random_model<float>(config, 5);
+  const std::vector<std::vector<int32_t>> prompts{{3, 1, 4, 1, 5}, {9, 2}, {6, 5, 3, 5, 8, 9, 7}};
+  r1::GenerationConfig gen{.max_new_tokens = 6, .sampling = {.temperature = 0.0}, .block_size = 4};
+  std::vector<std::vector<int32_t>> streamed(prompts.size());
+  const auto result = r1::generate(m, prompts, gen, [&](int64_t b, int32_t id) { streamed[b].push_back(id); });
+  REQUIRE(result.tokens.size() == 3);
+  CHECK(streamed == result.tokens);
+  CHECK(result.prompt_tokens == 14);
+  CHECK(result.generated_tokens == 18);
+  for (std::size_t b = 0; b < prompts.size(); ++b) {
+    INFO("prompt " << b);
+    REQUIRE(result.tokens[b].size() == 6);
+    CHECK(result.finish[b] == r1::FinishReason::Length);
+    std::vector<int32_t> all = prompts[b];
+    all.insert(all.end(), result.tokens[b].begin(), result.tokens[b].end());
+    const auto len = static_cast<int64_t>(all.size());
+    r1::ModelCache<float> cache;
+    const auto& logits = r1::forward(m, r1::View<const int32_t>(all.data(), Shape{1, len}), cache);
+    for (std::size_t i = 0; i < result.tokens[b].size(); ++i) {
+      const int64_t pos = static_cast<int64_t>(prompts[b].size() + i) - 1;
+      const auto row = logits.matrix().row(pos);
+      Eigen::Index best = 0;
+      row.maxCoeff(&best);
+      CHECK(result.tokens[b][i] == best);
+    }
+  }
+  // A batch generates what each prompt generates alone.
+  const auto alone = r1::generate(m, {prompts[1]}, gen);
+  CHECK(alone.tokens[0] == result.tokens[1]);
+}
+
+TEST_CASE("generation stops at stop tokens and is reproducible from its seed", "[generate]") {
+  const auto config = r1::ModelConfig::from_json(tiny_v3_json());
+  const auto m = random_model<float>(config, 6);
+  const std::vector<std::vector<int32_t>> prompts{{1, 2, 3}, {4, 5}};
+  r1::GenerationConfig gen{.max_new_tokens = 12, .sampling = {.temperature = 1.0, .top_p = 0.95}, .seed = 42};
+  const auto a = r1::generate(m, prompts, gen);
+  const auto b = r1::generate(m, prompts, gen);
+  CHECK(a.tokens == b.tokens);
+  gen.seed = 43;
+  CHECK(r1::generate(m, prompts, gen).tokens != a.tokens);
+
+  gen.seed = 42;
+  gen.stop_tokens = {a.tokens[0][2]};
+  const auto stopped = r1::generate(m, prompts, gen);
+  const auto first_stop = std::find(a.tokens[0].begin(), a.tokens[0].end(), gen.stop_tokens[0]) - a.tokens[0].begin();
+  CHECK(static_cast<int64_t>(stopped.tokens[0].size()) == first_stop + 1);
+  CHECK(stopped.finish[0] == r1::FinishReason::Stop);
+
+  CHECK(r1::generate(m, prompts, {.max_new_tokens = 0}).generated_tokens == 0);
+  REQUIRE_R1_ERROR(r1::generate(m, {{}}, gen), "prompt 0 is empty");
+  REQUIRE_R1_ERROR(r1::generate(m, {{1}}, {.max_new_tokens = 64}), "would pass max_position_embeddings 64");
+  REQUIRE_R1_ERROR(r1::generate(m, {{1}}, {.max_new_tokens = 4, .stop_tokens = {37}}), "stop token 37 is outside the vocabulary [0, 37)");
 }

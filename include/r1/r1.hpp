@@ -4,6 +4,7 @@
 #include "config.hpp"
 #include "device.hpp"
 #include "embedding.hpp"
+#include "generate.hpp"
 #include "linear.hpp"
 #include "loss.hpp"
 #include "mla.hpp"
