@@ -9,7 +9,11 @@
 
 #include <catch2/catch.hpp>
 
+#include <filesystem>
+#include <fstream>
 #include <map>
+
+#include <unistd.h>
 
 using r1::Shape;
 using r1::Tensor;
@@ -345,4 +349,94 @@ TEST_CASE("generation stops at stop tokens and is reproducible from its seed", "
   REQUIRE_R1_ERROR(r1::generate(m, {{}}, gen), "prompt 0 is empty");
   REQUIRE_R1_ERROR(r1::generate(m, {{1}}, {.max_new_tokens = 64}), "would pass max_position_embeddings 64");
   REQUIRE_R1_ERROR(r1::generate(m, {{1}}, {.max_new_tokens = 4, .stop_tokens = {37}}), "stop token 37 is outside the vocabulary [0, 37)");
+}
+
+// ---------------------------------------------------------------------------------------
+// HF model directories
+
+namespace {
+
+std::filesystem::path fresh_dir(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("r1_test_model_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  return dir;
+}
+
+double max_relative_diff(const r1::Model<float>& a, const r1::Model<float>& b) {
+  std::vector<const Tensor<float>*> tb;
+  const_cast<r1::Model<float>&>(b).visit([&](const std::string&, Tensor<float>& t) { tb.push_back(&t); });
+  std::size_t i = 0;
+  double worst = 0.0;
+  const_cast<r1::Model<float>&>(a).visit([&](const std::string&, Tensor<float>& t) {
+    const Tensor<float>& u = *tb[i++];
+    REQUIRE(t.shape() == u.shape());
+    const double scale = t.vector().cwiseAbs().maxCoeff();
+    worst = std::max(worst, (t.vector() - u.vector()).cwiseAbs().maxCoeff() / std::max(scale, 1e-30));
+  });
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("save_pretrained and load_pretrained round-trip F32, BF16, FP8 and shards", "[model][checkpoint]") {
+  const auto config = r1::ModelConfig::from_json(tiny_v3_json());
+  const auto m = random_model<float>(config, 8);
+  const auto dir = fresh_dir("roundtrip");
+
+  r1::save_pretrained(m, dir);
+  auto f32 = r1::load_pretrained<float>(dir);
+  CHECK(max_relative_diff(m, f32) == 0.0);
+  CHECK(f32.layers[2].moe.e_score_correction_bias.vector() == m.layers[2].moe.e_score_correction_bias.vector());
+  const auto checkpoint = r1::Checkpoint::open(dir);
+  // The released layout: MTP layer 3 keeps copies of the embedding and head.
+  CHECK(checkpoint.contains("model.layers.3.embed_tokens.weight"));
+  CHECK(checkpoint.contains("model.layers.3.shared_head.head.weight"));
+
+  r1::save_pretrained(m, dir / "bf16", r1::WeightFormat::BF16);
+  CHECK(max_relative_diff(m, r1::load_pretrained<float>(dir / "bf16")) < 1.0 / 128);
+  CHECK(r1::Checkpoint::open(dir / "bf16").info("model.norm.weight").dtype == r1::Dtype::BF16);
+
+  r1::save_pretrained(m, dir / "fp8", r1::WeightFormat::Fp8Bf16);
+  const auto fp8_checkpoint = r1::Checkpoint::open(dir / "fp8");
+  CHECK(fp8_checkpoint.info("model.layers.1.mlp.experts.0.gate_proj.weight").dtype == r1::Dtype::F8_E4M3);
+  CHECK(fp8_checkpoint.contains("model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"));
+  CHECK(fp8_checkpoint.info("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").dtype == r1::Dtype::F8_E4M3);
+  CHECK(fp8_checkpoint.info("model.layers.1.mlp.gate.weight").dtype == r1::Dtype::BF16);
+  CHECK(fp8_checkpoint.info("model.layers.1.mlp.gate.e_score_correction_bias").dtype == r1::Dtype::F32);
+  CHECK(r1::ModelConfig::from_file(dir / "fp8" / "config.json").fp8_weights);
+  CHECK(max_relative_diff(m, r1::load_pretrained<float>(dir / "fp8")) < 1.0 / 8);
+
+  r1::save_pretrained(m, dir / "sharded", r1::WeightFormat::F32, 20000);
+  CHECK(std::filesystem::exists(dir / "sharded" / "model.safetensors.index.json"));
+  CHECK(max_relative_diff(m, r1::load_pretrained<float>(dir / "sharded")) == 0.0);
+
+  // Without MTP: the model has none and the checkpoint's MTP layer is accepted unused.
+  const auto no_mtp = r1::load_pretrained<float>(dir, {.mtp = false});
+  CHECK(no_mtp.mtp.empty());
+  CHECK(no_mtp.config.num_nextn_predict_layers == 0);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("load_pretrained names the tensor that is missing, unexpected or misshapen", "[model][checkpoint]") {
+  const auto config = r1::ModelConfig::from_json(tiny_v3_json());
+  const auto m = random_model<float>(config, 9);
+  const auto dir = fresh_dir("broken");
+  r1::save_pretrained(m, dir);
+  // config.json says 4 layers: the MTP module moves to layer 4, which the file lacks.
+  auto j = config.to_json();
+  j["num_hidden_layers"] = 4;
+  std::ofstream(dir / "config.json") << j.dump();
+  REQUIRE_R1_ERROR(r1::load_pretrained<float>(dir), "no tensor 'model.layers.4.enorm.weight'");
+  // A wider model: shapes differ.
+  j = config.to_json();
+  j["intermediate_size"] = 32;
+  std::ofstream(dir / "config.json") << j.dump();
+  REQUIRE_R1_ERROR(r1::load_pretrained<float>(dir), "tensor 'model.layers.0.mlp.gate_proj.weight'");
+  // No MTP in the config: the MTP layer's tensors are unexpected.
+  j = config.to_json();
+  j["num_nextn_predict_layers"] = 0;
+  std::ofstream(dir / "config.json") << j.dump();
+  REQUIRE_R1_ERROR(r1::load_pretrained<float>(dir), "44 unexpected (first: 'model.layers.3.eh_proj.weight')");
+  REQUIRE_R1_ERROR(r1::load_pretrained<float>(dir / "nothing"), "cannot open");
+  std::filesystem::remove_all(dir);
 }

@@ -27,6 +27,8 @@
 //   forward(LanguageModelLoss, model, ids, targets, cache) -> loss, backward(loss, model, cache, grads)
 //   InferenceCache(model, num_blocks): the paged latent KV cache of every layer;
 //   forward_cached(model, ids, seqs, cache) -> logits of new tokens (prefill and decode)
+//   load_pretrained<T>(dir), save_pretrained(model, dir, format): HF model directories
+//   (config.json + safetensors, sharded or not, F32/BF16/FP8-block-scaled weights)
 //
 // Legend: B batch, S sequence, D hidden_size, V vocab_size, L num_hidden_layers,
 // K num_nextn_predict_layers, T new tokens per sequence in a cached step.
@@ -41,6 +43,8 @@
 #include "mlp.hpp"
 #include "moe.hpp"
 #include "norm.hpp"
+#include "io.hpp"
+#include "safetensors.hpp"
 #include "tensor.hpp"
 
 #include <nlohmann/json.hpp>
@@ -812,6 +816,127 @@ const Tensor<T, Dev>& forward_cached(const Model<T, Dev>& m, ConstView<int32_t, 
   c.last.resize(Shape{B, 1, D});
   for (int64_t b = 0; b < B; ++b) c.last.view().select(b).matrix() = hidden.view().select(b).slice(0, Tn - 1, Tn).matrix();
   return detail::head_forward(m, c.last, c.head);
+}
+
+// ---------------------------------------------------------------------------------------
+// HF model directories: config.json and model.safetensors (or shards with an index).
+
+struct LoadOptions {
+  // Off: build the model without its MTP modules and ignore their tensors (inference only,
+  // or checkpoints that HF transformers saved, which drop them).
+  bool mtp = true;
+};
+
+namespace detail {
+// The copies of the shared embedding and head that released checkpoints keep in every MTP
+// layer: r1 ties them to the main model's.
+inline std::vector<std::string> mtp_shared_copies(const ModelConfig& c, int64_t layers) {
+  std::vector<std::string> names;
+  for (int64_t k = 0; k < layers; ++k) {
+    const std::string prefix = "model.layers." + std::to_string(c.num_hidden_layers + k) + ".";
+    names.push_back(prefix + "embed_tokens.weight");
+    names.push_back(prefix + "shared_head.head.weight");
+  }
+  return names;
+}
+
+// Linear weights inside the decoder layers: the ones DeepSeek-V3 ships in FP8 (not the
+// router gate, embeddings, head, norms or MTP projection).
+inline bool is_fp8_linear(const std::string& name) {
+  const bool in_layer = name.find(".self_attn.") != std::string::npos ||
+                        (name.find(".mlp.") != std::string::npos && name.find(".mlp.gate.") == std::string::npos);
+  return in_layer && (name.ends_with("_proj.weight") || name.ends_with("_proj_with_mqa.weight"));
+}
+
+// N of "model.layers.N.*", or -1.
+inline int64_t layer_index(const std::string& name) {
+  constexpr std::string_view prefix = "model.layers.";
+  if (!name.starts_with(prefix)) return -1;
+  int64_t n = 0;
+  std::size_t i = prefix.size();
+  for (; i < name.size() && name[i] >= '0' && name[i] <= '9'; ++i) n = 10 * n + (name[i] - '0');
+  return i > prefix.size() && i < name.size() && name[i] == '.' ? n : -1;
+}
+}  // namespace detail
+
+template <class T = float>
+Model<T, Cpu> load_pretrained(const std::filesystem::path& dir, const LoadOptions& options = {}) {
+  ModelConfig config = ModelConfig::from_file(dir / "config.json");
+  const int64_t checkpoint_mtp = config.num_nextn_predict_layers;
+  if (!options.mtp) config.num_nextn_predict_layers = 0;
+  Model<T, Cpu> m(config);
+  const Checkpoint checkpoint = Checkpoint::open(dir);
+  std::vector<std::string> expected;
+  const auto read = [&](const std::string& name, Tensor<T, Cpu>& t) {
+    expected.push_back(name);
+    if constexpr (std::is_same_v<T, float>) {
+      checkpoint.load(name, t, t.shape());
+    } else {
+      Tensor<float> stored;
+      checkpoint.load(name, stored, t.shape());
+      convert(stored.view(), t.view());
+    }
+  };
+  m.visit(read);
+  m.visit_buffers(read);
+  // Tensors r1 accepts without using: the MTP layers' copies of the embedding and head, and
+  // with options.mtp off the MTP layers themselves.
+  if (!options.mtp && checkpoint_mtp > 0)
+    for (const std::string& name : checkpoint.names())
+      if (detail::layer_index(name) >= config.num_hidden_layers) expected.push_back(name);
+  for (const std::string& name : detail::mtp_shared_copies(config, config.num_nextn_predict_layers))
+    if (checkpoint.contains(name)) expected.push_back(name);
+  checkpoint.check_names(expected);
+  return m;
+}
+
+enum class WeightFormat {
+  F32,
+  BF16,
+  Fp8Bf16,  // as DeepSeek-V3's release: FP8 E4M3 decoder-layer linears with 128x128 block scales, BF16 elsewhere
+};
+
+template <class T>
+void save_pretrained(const Model<T, Cpu>& model, const std::filesystem::path& dir, WeightFormat format = WeightFormat::F32,
+                     std::size_t max_shard_bytes = 0) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  R1_CHECK(!ec, "[save_pretrained] cannot create directory '", dir.string(), "': ", ec.message());
+  Model<T, Cpu>& m = const_cast<Model<T, Cpu>&>(model);  // visit is non-const; nothing is modified
+  SafetensorsWriter writer;
+  const Dtype dense = format == WeightFormat::F32 ? Dtype::F32 : Dtype::BF16;
+  const auto add_float = [&](const std::string& name, const Tensor<float>& values, bool buffer) {
+    if (format == WeightFormat::Fp8Bf16 && detail::is_fp8_linear(name)) {
+      writer.add_fp8_block_scaled(name, values);
+    } else {
+      writer.add(name, values, buffer ? Dtype::F32 : dense);  // routing biases stay F32, as released
+    }
+  };
+  const auto add = [&](const std::string& name, const Tensor<T, Cpu>& t, bool buffer) {
+    if constexpr (std::is_same_v<T, float>) {
+      add_float(name, t, buffer);
+    } else {
+      Tensor<float> values(t.shape());
+      convert(t.view(), values.view());
+      add_float(name, values, buffer);
+    }
+  };
+  m.visit([&](const std::string& name, Tensor<T, Cpu>& t) { add(name, t, false); });
+  m.visit_buffers([&](const std::string& name, Tensor<T, Cpu>& t) { add(name, t, true); });
+  const auto copies = detail::mtp_shared_copies(m.config, static_cast<int64_t>(m.mtp.size()));
+  for (std::size_t i = 0; i < copies.size(); i += 2) {
+    add(copies[i], m.embed_tokens.weight, false);
+    add(copies[i + 1], m.head_weight(), false);
+  }
+  if (max_shard_bytes > 0) {
+    writer.write_sharded(dir, max_shard_bytes);
+  } else {
+    writer.write(dir / "model.safetensors");
+  }
+  ModelConfig config = m.config;
+  config.fp8_weights = format == WeightFormat::Fp8Bf16;
+  const std::string json = config.to_json().dump(2) + "\n";
+  write_file_atomic(dir / "config.json", [&](std::ostream& out) { out << json; });
 }
 
 }  // namespace r1

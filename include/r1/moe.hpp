@@ -469,20 +469,28 @@ MoeStats routing_stats(const Moe<T, Dev>& p, const MoeCache<T, Dev>& c) {
   return stats;
 }
 
-// Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i) from
-// the routing in the cache. Call it once per step, after the optimizer, when you want it.
+// Auxiliary-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i),
+// from per-expert slot counts (summed over a step's micro-batches), or from the routing in
+// the cache. Call it once per step, after the optimizer, when you want it.
 template <class T, class Dev>
-void update_bias(Moe<T, Dev>& p, const MoeCache<T, Dev>& c, double gamma = 0.001) {
+void update_bias(Moe<T, Dev>& p, const std::vector<int64_t>& tokens_per_expert, double gamma = 0.001) {
   R1_CHECK(gamma >= 0.0, "[moe.update_bias] gamma is ", gamma, ", expected >= 0");
   R1_CHECK(p.config.topk_method == TopkMethod::NoAuxTc, "[moe.update_bias] the bias only takes part in routing with "
            "topk_method noaux_tc");
-  const MoeStats stats = routing_stats(p, c);
-  const double mean = static_cast<double>(c.topk_idx.numel()) / static_cast<double>(p.config.n_routed_experts);
+  R1_CHECK(static_cast<int64_t>(tokens_per_expert.size()) == p.config.n_routed_experts, "[moe.update_bias] ",
+           tokens_per_expert.size(), " expert counts for ", p.config.n_routed_experts, " experts");
+  const double total = static_cast<double>(std::accumulate(tokens_per_expert.begin(), tokens_per_expert.end(), int64_t{0}));
+  const double mean = total / static_cast<double>(p.config.n_routed_experts);
   for (int64_t e = 0; e < p.config.n_routed_experts; ++e) {
-    const double load = static_cast<double>(stats.tokens_per_expert[e]);
+    const double load = static_cast<double>(tokens_per_expert[e]);
     const double direction = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
     p.e_score_correction_bias.data()[e] += static_cast<T>(gamma * direction);
   }
+}
+
+template <class T, class Dev>
+void update_bias(Moe<T, Dev>& p, const MoeCache<T, Dev>& c, double gamma = 0.001) {
+  update_bias(p, routing_stats(p, c).tokens_per_expert, gamma);
 }
 
 }  // namespace r1

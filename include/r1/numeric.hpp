@@ -1,6 +1,8 @@
 // r1/numeric.hpp: the low-precision storage types r1 reads and writes.
 //
 //   bf16      1 sign, 8 exponent, 7 mantissa bits: the top half of a float32.
+//   f16       1-5-10, bias 15: IEEE binary16 (torch.float16), largest finite 65504,
+//             smallest subnormal 2^-24.
 //   fp8_e4m3  1-4-3, bias 7, the "fn" variant of the OCP FP8 spec used by DeepSeek-V3's
 //             released weights: no infinities, one NaN pattern per sign (S.1111.111),
 //             largest finite 448, smallest subnormal 2^-9.
@@ -10,8 +12,9 @@
 // Conversions from float round to nearest, ties to even. Finite values past a type's
 // largest finite value saturate to it (DeepSeek-V3 and DeepGEMM clamp to +-448 before
 // casting for the same reason). Infinities stay infinite where the type has them (bf16,
-// e5m2) and saturate in e4m3, which has none. NaN stays NaN. bf16 keeps IEEE overflow to
-// infinity, exactly as torch.bfloat16 does, so checkpoints round-trip bit for bit.
+// e5m2) and saturate in e4m3, which has none. NaN stays NaN. bf16 and f16 keep IEEE overflow
+// to infinity, exactly as torch.bfloat16 and torch.float16 do, so checkpoints round-trip
+// bit for bit.
 //
 // These are storage types: arithmetic happens in float after to_float().
 #pragma once
@@ -37,6 +40,41 @@ struct bf16 {
   }
   inline float to_float() const { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
   friend bool operator==(bf16 a, bf16 b) { return a.bits == b.bits; }
+};
+
+struct f16 {
+  uint16_t bits = 0;
+
+  static f16 from_bits(uint16_t b) { return f16{b}; }
+  static inline f16 from_float(float f) {
+    const uint32_t u = std::bit_cast<uint32_t>(f);
+    const auto sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+    const uint32_t magnitude = u & 0x7FFFFFFFu;
+    if (magnitude > 0x7F800000u) return f16{static_cast<uint16_t>(sign | 0x7E00u | ((magnitude >> 13) & 0x3FFu))};  // quiet NaN
+    if (magnitude < 0x38800000u) {
+      // Below 2^-14, the smallest normal, the grid is uniform with step 2^-24: scale to
+      // units of it (exact, a power of two) and round to an integer, which is the code.
+      const float units = std::bit_cast<float>(magnitude) * 0x1p24f;
+      return f16{static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(units)))};
+    }
+    // Normal: rebias the exponent (127 -> 15), round the 13 dropped bits to nearest even;
+    // a carry bumps the exponent, and past 65504 the code reaches infinity (0x7C00), where
+    // larger values and infinity itself are clamped.
+    const uint32_t rebiased = magnitude - (112u << 23);
+    const uint32_t code = (rebiased + 0x0FFFu + ((rebiased >> 13) & 1u)) >> 13;
+    return f16{static_cast<uint16_t>(sign | (code > 0x7C00u ? 0x7C00u : code))};
+  }
+  inline float to_float() const {
+    const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+    const uint32_t exponent = (bits >> 10) & 0x1Fu;
+    const uint32_t mantissa = bits & 0x3FFu;
+    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float
+      return std::bit_cast<float>(sign | std::bit_cast<uint32_t>(static_cast<float>(mantissa) * 0x1p-24f));
+    }
+    const uint32_t float_exponent = exponent == 0x1Fu ? 0xFFu : exponent + 112u;  // infinity/NaN stay so
+    return std::bit_cast<float>(sign | (float_exponent << 23) | (mantissa << 13));
+  }
+  friend bool operator==(f16 a, f16 b) { return a.bits == b.bits; }
 };
 
 namespace detail {
@@ -114,7 +152,8 @@ using fp8_e5m2 = float8<detail::E5M2>;
 
 // Storage types convert through float; float and double convert with a plain cast.
 template <class T>
-inline constexpr bool is_storage_type_v = std::is_same_v<T, bf16> || std::is_same_v<T, fp8_e4m3> || std::is_same_v<T, fp8_e5m2>;
+inline constexpr bool is_storage_type_v =
+    std::is_same_v<T, bf16> || std::is_same_v<T, f16> || std::is_same_v<T, fp8_e4m3> || std::is_same_v<T, fp8_e5m2>;
 
 template <class To, class From>
 To convert_scalar(From x) {

@@ -176,6 +176,11 @@ class AdamW {
   void step() { step(config_.lr); }
 
   int64_t steps() const { return steps_; }
+  // For resuming from a checkpoint, together with the moments from visit_state.
+  void restore_steps(int64_t steps) {
+    R1_CHECK(steps >= 0, "[adamw.restore_steps] steps is ", steps, ", expected >= 0");
+    steps_ = steps;
+  }
   const AdamWConfig& config() const { return config_; }
 
   // The moment estimates under torch's state names, for checkpoints.

@@ -17,7 +17,7 @@
 //                  a seed gives the same numbers bit for bit on any platform.
 //
 // Element types: float, double (for finite-difference tests), and the storage types of
-// numeric.hpp (bf16, fp8_e4m3, fp8_e5m2), which convert through float with convert().
+// numeric.hpp (bf16, f16, fp8_e4m3, fp8_e5m2), which convert through float with convert().
 #pragma once
 
 #include "config.hpp"
@@ -363,6 +363,19 @@ class Rng {
     state_[2] ^= t;
     state_[3] = rotl(state_[3], 45);
     return result;
+  }
+
+  // The whole generator state, for checkpoints: restore(state()) continues the same stream.
+  struct State {
+    std::array<uint64_t, 4> words{};
+    double spare = 0.0;
+    bool has_spare = false;
+  };
+  State state() const { return State{state_, spare_, has_spare_}; }
+  void restore(const State& s) {
+    state_ = s.words;
+    spare_ = s.spare;
+    has_spare_ = s.has_spare;
   }
 
   // Uniform in [0, 1) with 53 random bits.
