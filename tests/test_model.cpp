@@ -440,3 +440,115 @@ TEST_CASE("load_pretrained names the tensor that is missing, unexpected or missh
   REQUIRE_R1_ERROR(r1::load_pretrained<float>(dir / "nothing"), "cannot open");
   std::filesystem::remove_all(dir);
 }
+
+// ---------------------------------------------------------------------------------------
+// Conformance: golden logits from tests/fixtures/gen_model_fixtures.py, an independent
+// float64 PyTorch reference of the DeepSeek-V3 equations (YaRN, q and kv LoRA, a dense
+// layer then sigmoid group-limited MoE layers with a routing bias and shared experts, and
+// an MTP layer in the checkpoint), for tiny_f32 (F32) and tiny_fp8 (the released layout:
+// FP8 E4M3 decoder-layer linears with 128x128 block scales, BF16 elsewhere).
+// Error measure: max |r1 - reference| over the compared logits, divided by max |reference|
+// over all of that checkpoint's reference logits; it must stay under 1e-4.
+namespace {
+
+struct GoldenLogits {
+  Tensor<int32_t> ids;
+  std::map<std::string, Tensor<double>> logits;
+};
+
+const GoldenLogits& golden_logits() {
+  static const GoldenLogits golden = [] {
+    std::ifstream in(R1_FIXTURE_DIR "/model/expected.json");
+    if (!in) throw std::runtime_error("cannot open " R1_FIXTURE_DIR "/model/expected.json");
+    const nlohmann::json j = nlohmann::json::parse(in);
+    GoldenLogits g;
+    const auto& ids = j.at("ids");
+    g.ids = Tensor<int32_t>(Shape{static_cast<int64_t>(ids.size()), static_cast<int64_t>(ids.at(0).size())});
+    for (int64_t b = 0; b < g.ids.size(0); ++b)
+      for (int64_t s = 0; s < g.ids.size(1); ++s) g.ids(b, s) = ids.at(b).at(s).get<int32_t>();
+    for (const auto& [name, t] : j.at("logits").items()) g.logits[name] = r1test::tensor<double>(j.at("logits"), name);
+    return g;
+  }();
+  return golden;
+}
+
+}  // namespace
+
+TEST_CASE("model logits match the float64 DeepSeek-V3 reference (F32 and FP8 checkpoints)", "[model][checkpoint][conformance]") {
+  const GoldenLogits& golden = golden_logits();
+  const Tensor<int32_t>& ids = golden.ids;
+  const int64_t B = ids.size(0), S = ids.size(1);
+  REQUIRE(B == 2);
+  for (const std::string name : {"tiny_f32", "tiny_fp8"}) {
+    INFO(name);
+    const std::filesystem::path dir = std::filesystem::path(R1_FIXTURE_DIR) / "model" / name;
+    const auto m = r1::load_pretrained<float>(dir);
+    CHECK(m.mtp.size() == 1);
+    CHECK(m.config.fp8_weights == (name == "tiny_fp8"));
+    if (name == "tiny_fp8") {  // the dense MLP's 136 x 32 weight spans two 128-row blocks
+      const auto checkpoint = r1::Checkpoint::open(dir);
+      CHECK(checkpoint.info("model.layers.0.mlp.gate_proj.weight").dtype == r1::Dtype::F8_E4M3);
+      CHECK(checkpoint.info("model.layers.0.mlp.gate_proj.weight_scale_inv").shape == std::vector<int64_t>{2, 1});
+      CHECK(checkpoint.info("model.layers.1.mlp.gate.weight").dtype == r1::Dtype::BF16);
+    }
+    const Tensor<double>& ref = golden.logits.at(name);
+    const int64_t V = m.config.vocab_size;
+    REQUIRE(ref.shape() == Shape{B, S, V});
+    double scale = 0.0;
+    for (int64_t i = 0; i < ref.numel(); ++i) scale = std::max(scale, std::abs(ref.data()[i]));
+    // max |logits[b, 0..T) - ref[rows[b], from[b] .. from[b]+T)| / scale
+    const auto error = [&](const Tensor<float>& logits, const std::vector<int64_t>& rows, const std::vector<int64_t>& from) {
+      REQUIRE(logits.size(0) == static_cast<int64_t>(rows.size()));
+      REQUIRE(logits.size(2) == V);
+      double worst = 0.0;
+      for (std::size_t b = 0; b < rows.size(); ++b)
+        for (int64_t t = 0; t < logits.size(1); ++t)
+          for (int64_t v = 0; v < V; ++v)
+            worst = std::max(worst, std::abs(static_cast<double>(logits(static_cast<int64_t>(b), t, v)) -
+                                             ref(rows[b], from[b] + t, v)));
+      return worst / scale;
+    };
+
+    // (a) The training path.
+    r1::ModelCache<float> train;
+    const auto& logits = r1::forward(m, ids, train);
+    REQUIRE(logits.shape() == ref.shape());
+    const double training_error = error(logits, {0, 1}, {0, 0});
+    CHECK(training_error < 1e-4);
+
+    // (b) Cached inference over the absorbed latent cache, in blocks of 4 tokens: both
+    // prompts in one prefill; then prefills of different lengths (4 and 7 tokens) and
+    // token-by-token decode, the two sequences batched while both have tokens left.
+    r1::InferenceCache<float> cache(m, 8, 4);
+    const std::vector<int64_t> both{cache.add_sequence(), cache.add_sequence()};
+    double cached_error = error(r1::forward_cached(m, ids, both, cache), {0, 1}, {0, 0});
+    cache.reset();
+    const std::vector<int64_t> seq{cache.add_sequence(), cache.add_sequence()};
+    std::vector<int64_t> length{4, 7};
+    for (int64_t b = 0; b < B; ++b)
+      cached_error = std::max(cached_error, error(r1::forward_cached(m, ids.view().slice(0, b, b + 1).slice(1, 0, length[b]),
+                                                                     {seq[b]}, cache),
+                                                  {b}, {0}));
+    int64_t decoded = 0;
+    while (length[0] < S || length[1] < S) {
+      std::vector<int64_t> rows, seqs, from;
+      for (int64_t b = 0; b < B; ++b)
+        if (length[b] < S) {
+          rows.push_back(b);
+          seqs.push_back(seq[b]);
+          from.push_back(length[b]);
+        }
+      Tensor<int32_t> step(Shape{static_cast<int64_t>(rows.size()), 1});
+      for (std::size_t i = 0; i < rows.size(); ++i) step(static_cast<int64_t>(i), 0) = ids(rows[i], from[i]);
+      const auto& last = r1::forward_cached(m, step, seqs, cache, r1::Logits::Last);
+      REQUIRE(last.shape() == Shape{static_cast<int64_t>(rows.size()), 1, V});
+      cached_error = std::max(cached_error, error(last, rows, from));
+      for (const int64_t b : rows) ++length[b];
+      decoded += static_cast<int64_t>(rows.size());
+    }
+    CHECK(decoded == 2 * S - 4 - 7);
+    CHECK(cache.length(seq[0]) == S);
+    CHECK(cache.length(seq[1]) == S);
+    CHECK(cached_error < 1e-4);
+  }
+}
