@@ -117,6 +117,7 @@ GenerationResult generate(const Model<T, Cpu>& m, const std::vector<std::vector<
   R1_CHECK(config.max_new_tokens >= 0 && config.block_size > 0, "[generate] max_new_tokens ", config.max_new_tokens,
            " must be >= 0 and block_size ", config.block_size, " > 0");
   const int64_t B = static_cast<int64_t>(prompts.size()), vocab = m.config.vocab_size;
+  GenerationResult result;
   int64_t blocks = 0;
   for (int64_t b = 0; b < B; ++b) {
     const auto len = static_cast<int64_t>(prompts[b].size());
@@ -125,11 +126,11 @@ GenerationResult generate(const Model<T, Cpu>& m, const std::vector<std::vector<
              " tokens; with max_new_tokens ", config.max_new_tokens, " it would pass max_position_embeddings ",
              m.config.max_position_embeddings);
     blocks += (len + config.max_new_tokens + config.block_size - 1) / config.block_size;
+    result.prompt_tokens += len;
   }
   for (const int32_t stop : config.stop_tokens)
     R1_CHECK(0 <= stop && stop < vocab, "[generate] stop token ", stop, " is outside the vocabulary [0, ", vocab, ")");
 
-  GenerationResult result;
   result.tokens.resize(static_cast<std::size_t>(B));
   result.finish.assign(static_cast<std::size_t>(B), FinishReason::Length);
   if (config.max_new_tokens == 0) return result;
@@ -152,7 +153,6 @@ GenerationResult generate(const Model<T, Cpu>& m, const std::vector<std::vector<
   for (int64_t b = 0; b < B; ++b) {
     const int64_t seq = cache.add_sequence();
     const auto len = static_cast<int64_t>(prompts[b].size());
-    result.prompt_tokens += len;
     const View<const int32_t> ids(prompts[b].data(), Shape{1, len});
     const auto& logits = forward_cached(m, ids, {seq}, cache, Logits::Last);
     next[b] = sample(View<const T>(logits.data(), Shape{vocab}), config.sampling, rng, workspace);
