@@ -1,7 +1,7 @@
 // Test for R1_NO_EXCEPTIONS (r1/config.hpp): built with -fno-exceptions, a failed R1_CHECK
 // calls the installed handler with the message. The handler ends the process here
 // because, without exceptions, there is no way back into the failed operation.
-#include <r1/tensor.hpp>
+#include <r1/r1.hpp>
 
 #include <cstdio>
 #include <cstdlib>

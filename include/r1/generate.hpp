@@ -12,9 +12,10 @@
 // the whole generation.
 //
 // generate(model, prompts, config, on_token): prefills every prompt into one shared paged
-// cache (one sequence each), then decodes all unfinished sequences together, one token per
-// step, until each emits a stop token or max_new_tokens. on_token(i, id) streams tokens as
-// they are chosen (feed them to a tokenizer's StreamDecoder for text).
+// cache (one sequence each; prompts of equal length in one batch), then decodes all
+// unfinished sequences together, one token per step, until each emits a stop token or
+// max_new_tokens. on_token(i, id) streams tokens as they are chosen (feed them to a
+// tokenizer's StreamDecoder for text).
 //
 // Legend: V vocabulary, B prompts, T tokens.
 #pragma once
@@ -147,15 +148,31 @@ GenerationResult generate(const Model<T, Cpu>& m, const std::vector<std::vector<
     return !stop && static_cast<int64_t>(result.tokens[b].size()) < config.max_new_tokens;
   };
 
-  // Prefill, one prompt at a time (they differ in length); the first new token of each.
+  // Prefill: prompts of the same length go through together (all G copies of a GRPO
+  // prompt, say). The first new tokens are then sampled in prompt order, so the draws do
+  // not depend on how the prompts group.
   std::vector<int64_t> active;
   const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t b = 0; b < B; ++b) cache.add_sequence();  // sequence b is prompt b
+  Tensor<T, Cpu> first(Shape{B, vocab});
+  std::vector<bool> done(static_cast<std::size_t>(B), false);
+  Tensor<int32_t> ids;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t seq = cache.add_sequence();
-    const auto len = static_cast<int64_t>(prompts[b].size());
-    const View<const int32_t> ids(prompts[b].data(), Shape{1, len});
-    const auto& logits = forward_cached(m, ids, {seq}, cache, Logits::Last);
-    next[b] = sample(View<const T>(logits.data(), Shape{vocab}), config.sampling, rng, workspace);
+    if (done[b]) continue;
+    std::vector<int64_t> same;
+    for (int64_t c = b; c < B; ++c)
+      if (!done[c] && prompts[c].size() == prompts[b].size()) {
+        same.push_back(c);
+        done[c] = true;
+      }
+    const auto len = static_cast<int64_t>(prompts[b].size()), n = static_cast<int64_t>(same.size());
+    ids.resize(Shape{n, len});
+    for (int64_t i = 0; i < n; ++i) std::copy(prompts[same[i]].begin(), prompts[same[i]].end(), ids.data() + i * len);
+    const auto& logits = forward_cached(m, ids, same, cache, Logits::Last);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(logits.data() + i * vocab, vocab, first.data() + same[i] * vocab);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    next[b] = sample(View<const T>(first.data() + b * vocab, Shape{vocab}), config.sampling, rng, workspace);
     if (emit(b, next[b])) active.push_back(b);
   }
   const auto t1 = std::chrono::steady_clock::now();

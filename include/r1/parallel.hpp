@@ -109,12 +109,16 @@ class ThreadPool {
 
   void execute(int index) {
     inside_task() = true;
+#if defined(__cpp_exceptions)
     try {
       (*task_)(index);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!error_) error_ = std::current_exception();
     }
+#else
+    (*task_)(index);  // without exceptions a failed check ends the program in the task
+#endif
     inside_task() = false;
   }
 

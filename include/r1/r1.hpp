@@ -1,11 +1,13 @@
 // r1/r1.hpp: the whole library. Include single headers instead to compile faster.
 #pragma once
 
+#include "bpe_trainer.hpp"
 #include "config.hpp"
 #include "device.hpp"
 #include "embedding.hpp"
 #include "generate.hpp"
 #include "grpo.hpp"
+#include "grpo_trainer.hpp"
 #include "io.hpp"
 #include "linear.hpp"
 #include "loss.hpp"
@@ -21,4 +23,5 @@
 #include "rope.hpp"
 #include "safetensors.hpp"
 #include "tensor.hpp"
+#include "tokenizer.hpp"
 #include "train.hpp"

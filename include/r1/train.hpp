@@ -83,6 +83,24 @@ struct StepMetrics {
   std::string warning;
 };
 
+namespace detail {
+// One JSON object per line; NaN and Inf become null.
+inline void append_json_line(const std::filesystem::path& path, const nlohmann::json& line, const char* op) {
+  std::ofstream out(path, std::ios::app);
+  R1_CHECK(out.good(), "[", op, "] cannot append to metrics file '", path.string(), "'");
+  out << line.dump() << '\n';
+}
+
+// "\r[#####.....] step 12/100  <fields>", redrawn in place on a terminal.
+inline void write_progress(std::ostream& out, int64_t step, int64_t total, const std::string& fields) {
+  constexpr int64_t kWidth = 24;
+  const int64_t done = kWidth * std::min(step, total) / std::max<int64_t>(total, 1);
+  out << fmt::format("\r[{}{}] step {}/{}  {}", std::string(static_cast<std::size_t>(done), '#'),
+                     std::string(static_cast<std::size_t>(kWidth - done), '.'), step, total, fields)
+      << std::flush;
+}
+}  // namespace detail
+
 class Trainer {
  public:
   Trainer(Model<float>& model, const TrainConfig& config, uint64_t seed = 0)
@@ -251,21 +269,11 @@ class Trainer {
                            {"tokens_per_s", m.tokens_per_s}, {"max_load_imbalance", m.max_load_imbalance},
                            {"skipped", m.skipped}};
     if (!m.warning.empty()) line["warning"] = m.warning;
-    if (!config_.metrics_file.empty()) {
-      std::ofstream out(config_.metrics_file, std::ios::app);
-      R1_CHECK(out.good(), "[trainer] cannot append to metrics file '", config_.metrics_file.string(), "'");
-      // dump() refuses nothing here: NaN and Inf become null.
-      out << line.dump() << '\n';
-    }
-    if (config_.progress != nullptr) {
-      constexpr int kWidth = 24;
-      const auto done = static_cast<int>(kWidth * std::min<int64_t>(m.step + 1, config_.steps) / config_.steps);
-      *config_.progress << fmt::format("\r[{}{}] step {}/{}  loss {:.4f}  {:.0f} tok/s  |g| {:.3f}  load {:.2f}{}",
-                                       std::string(done, '#'), std::string(kWidth - done, '.'), m.step + 1, config_.steps,
-                                       m.loss, m.tokens_per_s, m.grad_norm, m.max_load_imbalance,
-                                       m.skipped ? "  SKIPPED" : "")
-                        << std::flush;
-    }
+    if (!config_.metrics_file.empty()) detail::append_json_line(config_.metrics_file, line, "trainer");
+    if (config_.progress != nullptr)
+      detail::write_progress(*config_.progress, m.step + 1, config_.steps,
+                             fmt::format("loss {:.4f}  {:.0f} tok/s  |g| {:.3f}  load {:.2f}{}", m.loss, m.tokens_per_s,
+                                         m.grad_norm, m.max_load_imbalance, m.skipped ? "  SKIPPED" : ""));
   }
 
   Model<float>* model_;
