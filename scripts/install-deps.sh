@@ -13,6 +13,8 @@ packages=(
   nlohmann-json3-dev
   catch2             # tests
   libopenblas-dev    # -DR1_USE_OPENBLAS=ON
+  clang              # scripts/fuzz.sh (libFuzzer targets)
+  libclang-rt-14-dev # libFuzzer's and the sanitizers' runtime: clang only recommends it
 )
 
 missing=()

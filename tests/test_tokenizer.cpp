@@ -532,3 +532,35 @@ TEST_CASE("tokenizer: malformed and unsupported files name the JSON path", "[tok
   REQUIRE_R1_ERROR(Tokenizer::from_json(good.dump(), "{\"bos_token\": \"<nope>\"}"),
                    "[tokenizer] tokenizer_config.json /bos_token: \"<nope>\" is not a token");
 }
+
+TEST_CASE("tokenizer: files found by fuzzing (tests/fuzz) give r1::error", "[tokenizer]") {
+  const json good = synthetic_tokenizer({{"a", "b"}});
+  // A repeated id whose tokens differ in length overflowed the token arena, which was sized
+  // by the last token given the id.
+  json repeated = good;
+  repeated["model"]["vocab"]["aaaa"] = 98;
+  REQUIRE_R1_ERROR(Tokenizer::from_json(repeated.dump()), "[tokenizer] /model/vocab: id 98 is given to both \"aaaa\" and \"b\"");
+  // An id near 2^31 sized the per-id tables at 8 GB.
+  json far = good;
+  far["model"]["vocab"]["zz"] = 2000000000;
+  REQUIRE_R1_ERROR(Tokenizer::from_json(far.dump()), "[tokenizer] /model/vocab: id 2000000000 is more than 1048576 past the vocab's 258 tokens");
+  // An empty Sequence of pre-tokenizers read the last step of none.
+  json no_steps = good;
+  no_steps["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", json::array()}};
+  REQUIRE_R1_ERROR(Tokenizer::from_json(no_steps.dump()), "[tokenizer] /pre_tokenizer: expected a ByteLevel pre-tokenizer last");
+  // Values nested thousands deep overflowed the stack: in show() (nlohmann's dump) and in the
+  // loader's recursion through Sequences.
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  REQUIRE_R1_ERROR(Tokenizer::from_json("{\"model\": {\"vocab\": {\"a\": " + deep + "}}}"),
+                   "[tokenizer] tokenizer.json: the value at byte 26 nests deeper than 64 levels");
+  std::string sequences;
+  for (int i = 0; i < 5000; ++i) sequences += "{\"type\": \"Sequence\", \"processors\": [";
+  sequences += "{\"type\": \"ByteLevel\"}";
+  for (int i = 0; i < 5000; ++i) sequences += "]}";
+  json nested = good;
+  nested["post_processor"] = "here";
+  std::string file = nested.dump();
+  file.replace(file.find("\"here\""), 6, sequences);
+  REQUIRE_R1_ERROR(Tokenizer::from_json(file), "nests deeper than 64 levels");
+  REQUIRE_R1_ERROR(Tokenizer::from_json(good.dump(), "{\"bos_token\": " + deep + "}"), "[tokenizer] tokenizer_config.json nests deeper than 64 levels");
+}

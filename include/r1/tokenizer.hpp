@@ -484,9 +484,22 @@ struct SyntaxErrorSax : nlohmann::json_sax<json> {
   }
 };
 
+// How deep values may nest: the loader and show() recurse into them, and a file nested
+// thousands deep would overflow the stack. tokenizer.json files nest about 6 deep.
+inline constexpr int kMaxJsonDepth = 64;
+
 // Parses the file `what`, or the one value of it that starts at byte span_start.
 inline json parse_json(std::string_view text, const char* what, std::optional<size_t> span_start = std::nullopt) {
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
+  bool too_deep = false;
+  const json::parser_callback_t depth_check = [&](int depth, json::parse_event_t, json&) {
+    too_deep = too_deep || depth > kMaxJsonDepth;
+    return !too_deep;
+  };
+  json j = json::parse(text.begin(), text.end(), depth_check, /*allow_exceptions=*/false);
+  if (too_deep) {
+    if (span_start) fail(concat("[tokenizer] ", what, ": the value at byte ", *span_start, " nests deeper than ", kMaxJsonDepth, " levels"));
+    fail(concat("[tokenizer] ", what, " nests deeper than ", kMaxJsonDepth, " levels"));
+  }
   if (j.is_discarded()) {
     SyntaxErrorSax sax;
     json::sax_parse(text.begin(), text.end(), &sax, json::input_format_t::json, /*strict=*/true);
@@ -833,7 +846,7 @@ class PreTokenizer {
     } else {
       steps.push_back(step_from_json(j, path));
     }
-    R1_CHECK(steps.back().kind == Step::Kind::ByteLevel, "[tokenizer] ", path,
+    R1_CHECK(!steps.empty() && steps.back().kind == Step::Kind::ByteLevel, "[tokenizer] ", path,
              ": expected a ByteLevel pre-tokenizer last, found ", show(j), " (r1 implements byte-level BPE only)");
     for (size_t i = 0; i + 1 < steps.size(); ++i)
       R1_CHECK(steps[i].kind == Step::Kind::Split, "[tokenizer] ", path, "/pretokenizers/", i,
@@ -1174,11 +1187,22 @@ class BpeModel {
       R1_CHECK(id >= 0, where, "/vocab: \"", token, "\" has a negative id ", id);
       max_id = std::max(max_id, id);
     }
+    // Per-id tables span ids 0..max_id: ids far past the vocab's size would make them huge.
+    constexpr int64_t kMaxIdGap = int64_t{1} << 20;
+    R1_CHECK(max_id < static_cast<int64_t>(vocab.size()) + kMaxIdGap, where, "/vocab: id ", max_id, " is more than ", kMaxIdGap,
+             " past the vocab's ", vocab.size(), " tokens (r1 keeps tables indexed by id)");
     token_offset_.assign(static_cast<size_t>(max_id) + 2, 0);
-    for (const auto& [token, id] : vocab) token_offset_[id + 1] = static_cast<uint32_t>(token.size());
+    present_.assign(static_cast<size_t>(max_id) + 1, false);
+    // One token per id: the arena is sized by it (a repeated id would overflow the arena).
+    for (const auto& entry : vocab) {
+      const int32_t id = entry.second;
+      R1_CHECK(!present_[id], where, "/vocab: id ", id, " is given to both \"",
+               std::find_if(vocab.begin(), vocab.end(), [&](const auto& e) { return e.second == id; })->first, "\" and \"", entry.first, "\"");
+      present_[id] = true;
+      token_offset_[id + 1] = static_cast<uint32_t>(entry.first.size());
+    }
     for (size_t id = 1; id < token_offset_.size(); ++id) token_offset_[id] += token_offset_[id - 1];
     token_arena_.resize(token_offset_.back());
-    present_.assign(static_cast<size_t>(max_id) + 1, false);
     byte_ids_.fill(-1);
     // Each token lands at a random place in tables larger than the L2 cache. Tokens (and in
     // build_merges, merges) go in batches whose slots are prefetched together, so that the
@@ -1192,10 +1216,8 @@ class BpeModel {
       const size_t n = std::min(kBatch, vocab.size() - base);
       for (size_t i = 0; i < n; ++i) {
         const auto& [token, id] = vocab[base + i];
-        R1_CHECK(!present_[id], where, "/vocab: id ", id, " is given to both \"", this->token(id), "\" and \"", token, "\"");
         R1_CHECK(detail::tok::invalid_utf8_offset(token) == std::string_view::npos, where, "/vocab: the token of id ", id,
                  " is not valid UTF-8");
-        present_[id] = true;
         std::memcpy(token_arena_.data() + token_offset_[id], token.data(), token.size());
         hashes[2 * i] = by_token_.prefetch(token);
         decodable[i] = detail::tok::byte_level_decode(token, bytes[i]);
