@@ -193,12 +193,20 @@ std::string tokenizer_json() {
   }
   for (const char c : kAlphabet) vocab[r1::detail::tok::byte_level_encode(std::string_view(&c, 1))] = id++;
   const ojson byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}};
+  // encode(text, add_special_tokens = true) puts BOS first, as examples/generate asks for.
+  const ojson bos = {{"SpecialToken", {{"id", kBos}, {"type_id", 0}}}};
+  const auto text = [](const char* id, int type_id) { return ojson{{"Sequence", {{"id", id}, {"type_id", type_id}}}}; };
+  const ojson with_bos = {
+      {"type", "TemplateProcessing"},
+      {"single", ojson::array({bos, text("A", 0)})},
+      {"pair", ojson::array({bos, text("A", 0), bos, text("B", 1)})},
+      {"special_tokens", {{kBos, {{"id", kBos}, {"ids", ojson::array({0})}, {"tokens", ojson::array({kBos})}}}}}};
   ojson root;
   root["version"] = "1.0";
   root["added_tokens"] = added;
   root["normalizer"] = nullptr;
   root["pre_tokenizer"] = byte_level;
-  root["post_processor"] = byte_level;
+  root["post_processor"] = {{"type", "Sequence"}, {"processors", {byte_level, with_bos}}};
   root["decoder"] = byte_level;
   root["model"] = {{"type", "BPE"}, {"vocab", vocab}, {"merges", ojson::array()}};
   return root.dump(2) + "\n";
@@ -239,11 +247,7 @@ struct Task {
   const r1::Tokenizer& tokenizer;
   int32_t bos, eos;
 
-  std::vector<int32_t> prompt_ids(const Problem& p) const {
-    std::vector<int32_t> ids{bos};
-    for (const int32_t id : tokenizer.encode(p.prompt())) ids.push_back(id);
-    return ids;
-  }
+  std::vector<int32_t> prompt_ids(const Problem& p) const { return tokenizer.encode(p.prompt(), /*add_special_tokens=*/true); }
 };
 
 struct Eval {
