@@ -258,7 +258,7 @@ class GrpoTrainer {
         const int64_t begin = N * mb / config_.minibatches, end = N * (mb + 1) / config_.minibatches;
         if (begin == end) continue;
         registry_.zero_grad();
-        const Tensor<float> lp = log_probs(*policy_, begin, end);
+        const Tensor<float>& lp = log_probs(*policy_, begin, end);  // lives in log_probs_cache_ until the next call
         GrpoInputs<float> in;
         in.log_probs = lp.view();
         in.mask = mask_.view().slice(0, begin, end);
