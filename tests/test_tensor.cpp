@@ -335,3 +335,16 @@ TEST_CASE("parallel_for: workers run the chunks, errors reach the caller, nestin
   REQUIRE(total == 4000);
   r1::set_num_threads(2);
 }
+
+TEST_CASE("copy: contiguous and strided views on the CPU, shape mismatch", "[tensor]") {
+  r1::Tensor<float> a(r1::Shape{3, 4});
+  for (int64_t i = 0; i < a.numel(); ++i) a.data()[i] = static_cast<float>(i);
+  r1::Tensor<float> b(r1::Shape{3, 4});
+  r1::copy(a, b.view());
+  REQUIRE(b.matrix() == a.matrix());
+  r1::Tensor<float> column(r1::Shape{3, 1});
+  r1::copy(a.view().slice(1, 2, 3), column.view());
+  REQUIRE(column.data()[0] == 2.0f);
+  REQUIRE(column.data()[2] == 10.0f);
+  REQUIRE_R1_ERROR(r1::copy(a, column.view()), "[copy] src has shape [3, 4], dst has [3, 1]");
+}

@@ -36,6 +36,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <typeinfo>
 
 namespace r1 {
 
@@ -316,6 +317,21 @@ class Tensor {
   int64_t capacity_ = 0;
   Shape shape_{0};  // empty, not a scalar: a default Tensor has no storage
 };
+
+// Copies src into dst, element for element; shapes must match. Strided float/double views
+// are fine. r1/cuda/tensor.cuh adds the host <-> device and device-to-device overloads, so
+// device-generic code writes copy(x, cache.x.view()) for any Dev.
+template <class T>
+void copy(ConstView<T, Cpu> src, View<T, Cpu> dst) {
+  R1_CHECK(src.shape() == dst.shape(), "[copy] src has shape ", src.shape(), ", dst has ", dst.shape());
+  if (src.is_contiguous() && dst.is_contiguous()) {
+    Memory<Cpu>::copy(dst.data(), src.data(), static_cast<std::size_t>(src.numel()) * sizeof(T));
+  } else if constexpr (std::is_floating_point_v<T>) {
+    dst.matrix() = src.matrix();
+  } else {
+    R1_CHECK(false, "[copy] strided views of ", typeid(T).name(), " need contiguous storage");
+  }
+}
 
 // A tensor holding a copy of a view's elements (strided views are gathered).
 template <class T>
