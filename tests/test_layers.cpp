@@ -112,6 +112,77 @@ TEST_CASE("gemm matches a plain triple loop: row and column bands, outer product
   r1::set_num_threads(2);
 }
 
+TEST_CASE("float gemm (r1's SGEMM on AVX-512) matches float64 for transposes, strided blocks, tails and K blocks",
+          "[linear][simd]") {
+  INFO("R1_SIMD_SGEMM " << R1_SIMD_SGEMM);
+  r1::Rng rng(12);
+  // Tails of the 6 x 64 register tile and of the 256-deep K blocks, a single row or column,
+  // K = 0 and K = 1; every operand may be transposed; C is a column block of a wider matrix.
+  const std::array<int64_t, 3> shapes[] = {{1, 1, 1},    {6, 64, 256},  {7, 65, 257}, {5, 17, 3},   {130, 200, 520},
+                                           {64, 48, 512}, {1, 300, 700}, {300, 1, 40}, {40, 9, 0},   {33, 130, 1}};
+  for (auto [m, n, k] : shapes) {
+    for (int transposes = 0; transposes < 4; ++transposes) {
+      const bool ta = transposes & 1, tb = transposes & 2;
+      INFO("m " << m << " n " << n << " k " << k << " ta " << ta << " tb " << tb);
+      Tensor<float> a(ta ? Shape{k, m + 3} : Shape{m, k + 3}), b(tb ? Shape{n, k + 2} : Shape{k, n + 2}), c(Shape{m, n + 5});
+      r1::fill_normal(a.view(), rng);
+      r1::fill_normal(b.view(), rng);
+      r1::fill_normal(c.view(), rng);
+      const auto a_m = ta ? a.view().slice(1, 0, m) : a.view().slice(1, 0, k);  // row stride past the block
+      const auto b_m = tb ? b.view().slice(1, 0, k) : b.view().slice(1, 0, n);
+      const auto a_at = [&](int64_t i, int64_t q) { return double(ta ? a(q, i) : a(i, q)); };
+      const auto b_at = [&](int64_t q, int64_t j) { return double(tb ? b(j, q) : b(q, j)); };
+      std::vector<double> expected(static_cast<std::size_t>(m * n));
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          double sum = c(i, j + 2);
+          for (int64_t q = 0; q < k; ++q) sum += a_at(i, q) * b_at(q, j);
+          expected[static_cast<std::size_t>(i * n + j)] = sum;
+        }
+      Tensor<float> first;
+      for (int threads : {1, 2, 3}) {
+        r1::set_num_threads(threads);
+        Tensor<float> out = c;
+        auto block = out.matrix().middleCols(2, n);
+        const auto am = a_m.matrix();
+        const auto bm = b_m.matrix();
+        if (ta && tb) r1::gemm(am.transpose(), bm.transpose(), block, /*accumulate=*/true);
+        if (ta && !tb) r1::gemm(am.transpose(), bm, block, /*accumulate=*/true);
+        if (!ta && tb) r1::gemm(am, bm.transpose(), block, /*accumulate=*/true);
+        if (!ta && !tb) r1::gemm(am, bm, block, /*accumulate=*/true);
+        double worst = 0.0;
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = 0; j < n; ++j) worst = std::max(worst, std::abs(out(i, j + 2) - expected[static_cast<std::size_t>(i * n + j)]));
+          // The columns beside the block are untouched.
+          REQUIRE(out(i, 0) == c(i, 0));
+          REQUIRE(out(i, 1) == c(i, 1));
+          for (int64_t j = n + 2; j < n + 5; ++j) REQUIRE(out(i, j) == c(i, j));
+        }
+        REQUIRE(worst < 1e-5 * (1.0 + std::sqrt(double(k)) * 4.0));
+        if (threads == 1) {
+          first = out;
+        } else {
+#if !defined(R1_USE_OPENBLAS)
+          REQUIRE(max_abs_diff(first, out) == 0.0);
+#endif
+        }
+      }
+      // Without accumulate the old contents of the block do not matter.
+      Tensor<float> assigned(Shape{m, n}), accumulated(Shape{m, n});
+      r1::fill_normal(assigned.view(), rng);
+      accumulated.set_zero();
+      const auto am = a_m.matrix();
+      const auto bm = b_m.matrix();
+      if (ta && tb) r1::gemm(am.transpose(), bm.transpose(), assigned.matrix()), r1::gemm(am.transpose(), bm.transpose(), accumulated.matrix(), true);
+      if (ta && !tb) r1::gemm(am.transpose(), bm, assigned.matrix()), r1::gemm(am.transpose(), bm, accumulated.matrix(), true);
+      if (!ta && tb) r1::gemm(am, bm.transpose(), assigned.matrix()), r1::gemm(am, bm.transpose(), accumulated.matrix(), true);
+      if (!ta && !tb) r1::gemm(am, bm, assigned.matrix()), r1::gemm(am, bm, accumulated.matrix(), true);
+      REQUIRE(max_abs_diff(assigned, accumulated) == 0.0);
+    }
+  }
+  r1::set_num_threads(2);
+}
+
 TEST_CASE("linear gives bit-identical results on 1, 2 and 3 threads", "[linear][parallel]") {
   // Odd sizes, inner dimensions past Eigen's cache blocking, and single tokens: shapes where
   // Eigen's own threading (and OpenBLAS's) would change the summation order.

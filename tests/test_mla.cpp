@@ -1,8 +1,9 @@
 // Tests for r1/mla.hpp: the training path against an independent PyTorch reference
 // (tests/fixtures/gen_mla_fixtures.py) and finite differences, thread-count determinism,
 // absorbed inference against the training path (prefill and token-by-token decode), the
-// paged latent KV cache, and bad configs, shapes and cache states.
+// paged latent KV cache, bad configs, shapes and cache states, and the simd lane kernels.
 #include <r1/mla.hpp>
+#include <r1/simd.hpp>
 
 #include "support.hpp"
 
@@ -466,4 +467,43 @@ TEST_CASE("absorbed MLA gives bit-identical results on 1, 2 and 3 threads", "[ml
   REQUIRE(max_abs_diff(y[0], y[1]) == 0.0);
   REQUIRE(max_abs_diff(y[0], y[2]) == 0.0);
   r1::set_num_threads(2);
+}
+
+TEST_CASE("simd lane kernels match a float64 reference, tails included", "[mla][simd]") {
+  // r1/simd.hpp's products behind the float absorbed path: 16 rows of A in register lanes.
+  r1::Rng rng(90);
+  for (int64_t rows : {1, 7, 16}) {
+    for (int64_t n : {1, 5, 12, 13, 37}) {
+      for (int64_t K : {1, 17, 40}) {
+        const int64_t ld = K + 3;  // B rows with padding, as cache blocks have (C + R columns, C used)
+        Tensor<float> a(Shape{rows, K}), b(Shape{n, ld}), pt(Shape{n, 16});
+        r1::fill_normal(a.view(), rng);
+        r1::fill_normal(b.view(), rng);
+        r1::fill_normal(pt.view(), rng);
+        std::vector<float> panel(static_cast<std::size_t>(K * 16), -1.0f), st(static_cast<std::size_t>(n * 16));
+        r1::simd::pack_lanes(a.data(), rows, K, K, panel.data());
+        r1::simd::lanes_abt(panel.data(), b.data(), n, K, ld, st.data());
+        double worst = 0;
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t l = 0; l < 16; ++l) {
+            double expected = 0;
+            for (int64_t k = 0; k < K && l < rows; ++k) expected += double(b.data()[t * ld + k]) * a.data()[l * K + k];
+            worst = std::max(worst, std::abs(expected - st[static_cast<std::size_t>(t * 16 + l)]));
+          }
+        REQUIRE(worst < 1e-5 * K);
+        // Ot = B^T P^T, written, then accumulated once more.
+        std::vector<float> ot(static_cast<std::size_t>(K * 16));
+        r1::simd::lanes_atb(pt.data(), b.data(), n, K, ld, ot.data(), /*accumulate=*/false);
+        r1::simd::lanes_atb(pt.data(), b.data(), n, K, ld, ot.data(), /*accumulate=*/true);
+        worst = 0;
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t l = 0; l < 16; ++l) {
+            double expected = 0;
+            for (int64_t t = 0; t < n; ++t) expected += double(b.data()[t * ld + k]) * pt.data()[t * 16 + l];
+            worst = std::max(worst, std::abs(2 * expected - ot[static_cast<std::size_t>(k * 16 + l)]));
+          }
+        REQUIRE(worst < 2e-5 * n);
+      }
+    }
+  }
 }

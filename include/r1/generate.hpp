@@ -28,6 +28,7 @@
 #include <chrono>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -51,46 +52,61 @@ struct SamplerWorkspace {
   std::vector<double> probs;
 };
 
-// One id from a row of logits.
-template <class T>
-int32_t sample(View<const T> logits, const SamplingConfig& config, Rng& rng, SamplerWorkspace& w) {
+R1_DECLARE_IMPL(SampleImpl, "generate.cuh");
+
+template <>
+struct SampleImpl<Cpu> {
+  using Workspace = SamplerWorkspace;
+
+  template <class T>
+  static int32_t sample(View<const T> logits, const SamplingConfig& config, Rng& rng, SamplerWorkspace& w) {
+    const T* z = logits.data();
+    const auto vocab = static_cast<int32_t>(logits.numel());
+    for (int32_t v = 0; v < vocab; ++v)
+      R1_CHECK(!std::isnan(static_cast<double>(z[v])), "[sample] logit ", v, " is NaN");
+    if (config.temperature == 0.0) return static_cast<int32_t>(std::max_element(z, z + vocab) - z);
+
+    // Candidates by decreasing logit, ties to the lower id; only as many as top_k needs sorted.
+    w.order.resize(static_cast<std::size_t>(vocab));
+    std::iota(w.order.begin(), w.order.end(), 0);
+    const auto before = [z](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
+    auto kept = static_cast<int32_t>(config.top_k > 0 ? std::min<int64_t>(config.top_k, vocab) : vocab);
+    const bool sorted = kept < vocab || config.top_p < 1.0;
+    if (sorted) std::partial_sort(w.order.begin(), w.order.begin() + kept, w.order.end(), before);
+    const double max_logit = static_cast<double>(sorted ? z[w.order[0]] : *std::max_element(z, z + vocab));
+    w.probs.resize(static_cast<std::size_t>(kept));
+    double sum = 0.0;
+    for (int32_t i = 0; i < kept; ++i) {
+      w.probs[i] = std::exp((static_cast<double>(z[w.order[i]]) - max_logit) / config.temperature);
+      sum += w.probs[i];
+    }
+    if (config.top_p < 1.0) {
+      // HF's TopPLogitsWarper keeps a token while the mass before it is below top_p.
+      double mass = 0.0;
+      int32_t n = 0;
+      while (n < kept && (n == 0 || mass < config.top_p * sum)) mass += w.probs[n++];
+      kept = n;
+      sum = mass;
+    }
+    double u = rng.uniform() * sum;
+    for (int32_t i = 0; i < kept - 1; ++i) {
+      u -= w.probs[i];
+      if (u < 0.0) return w.order[i];
+    }
+    return w.order[kept - 1];
+  }
+};
+
+// One id from a row of logits. Dev = Cuda (r1/cuda/generate.cuh) picks on the GPU with
+// SampleImpl<Cuda>::Workspace, drawing the same Rng number as the CPU.
+template <class T, class Dev>
+int32_t sample(View<const T, Dev> logits, const SamplingConfig& config, Rng& rng, typename SampleImpl<Dev>::Workspace& w) {
   config.validate();
   R1_CHECK(logits.rank() == 1 && logits.numel() > 0 && logits.is_contiguous(), "[sample] logits have shape ", logits.shape(),
            ", expected a contiguous [V]");
-  const T* z = logits.data();
-  const auto vocab = static_cast<int32_t>(logits.numel());
-  for (int32_t v = 0; v < vocab; ++v)
-    R1_CHECK(!std::isnan(static_cast<double>(z[v])), "[sample] logit ", v, " is NaN");
-  if (config.temperature == 0.0) return static_cast<int32_t>(std::max_element(z, z + vocab) - z);
-
-  // Candidates by decreasing logit, ties to the lower id; only as many as top_k needs sorted.
-  w.order.resize(static_cast<std::size_t>(vocab));
-  std::iota(w.order.begin(), w.order.end(), 0);
-  const auto before = [z](int32_t a, int32_t b) { return z[a] > z[b] || (z[a] == z[b] && a < b); };
-  auto kept = static_cast<int32_t>(config.top_k > 0 ? std::min<int64_t>(config.top_k, vocab) : vocab);
-  const bool sorted = kept < vocab || config.top_p < 1.0;
-  if (sorted) std::partial_sort(w.order.begin(), w.order.begin() + kept, w.order.end(), before);
-  const double max_logit = static_cast<double>(sorted ? z[w.order[0]] : *std::max_element(z, z + vocab));
-  w.probs.resize(static_cast<std::size_t>(kept));
-  double sum = 0.0;
-  for (int32_t i = 0; i < kept; ++i) {
-    w.probs[i] = std::exp((static_cast<double>(z[w.order[i]]) - max_logit) / config.temperature);
-    sum += w.probs[i];
-  }
-  if (config.top_p < 1.0) {
-    // HF's TopPLogitsWarper keeps a token while the mass before it is below top_p.
-    double mass = 0.0;
-    int32_t n = 0;
-    while (n < kept && (n == 0 || mass < config.top_p * sum)) mass += w.probs[n++];
-    kept = n;
-    sum = mass;
-  }
-  double u = rng.uniform() * sum;
-  for (int32_t i = 0; i < kept - 1; ++i) {
-    u -= w.probs[i];
-    if (u < 0.0) return w.order[i];
-  }
-  return w.order[kept - 1];
+  R1_CHECK(logits.numel() <= std::numeric_limits<int32_t>::max(), "[sample] vocabulary of ", logits.numel(),
+           " ids exceeds int32");
+  return SampleImpl<Dev>::sample(logits, config, rng, w);
 }
 
 struct GenerationConfig {

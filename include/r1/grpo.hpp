@@ -461,15 +461,16 @@ const Tensor<T>& backward(const TokenLogProbs& p, TokenLogProbsCache<T>& c, Cons
 }
 
 // ---------------------------------------------------------------------------------------
-// The loss. Views left empty (default) are absent.
-template <class T>
+// The loss. Views left empty (default) are absent. Dev = Cuda runs the per-token loss on the
+// GPU (r1/cuda/grpo.cuh); the truncated flags and token_count stay on the host.
+template <class T, class Dev = Cpu>
 struct GrpoInputs {
-  View<const T> log_probs{};             // [B, T] current policy: what backward differentiates
-  View<const T> mask{};                  // [B, T] 1 on completion tokens, 0 on padding
-  View<const T> advantages{};            // [B], or [B, T] per token (process supervision, token level)
-  View<const T> old_log_probs{};         // [B, T] of the sampling policy; empty: rho = 1 (num_iterations 1)
-  View<const T> ref_log_probs{};         // [B, T]; needed when beta > 0, never read when beta == 0
-  View<const T> entropy{};               // [B, T] for the entropy metric; empty: none
+  View<const T, Dev> log_probs{};        // [B, T] current policy: what backward differentiates
+  View<const T, Dev> mask{};             // [B, T] 1 on completion tokens, 0 on padding
+  View<const T, Dev> advantages{};       // [B], or [B, T] per token (process supervision, token level)
+  View<const T, Dev> old_log_probs{};    // [B, T] of the sampling policy; empty: rho = 1 (num_iterations 1)
+  View<const T, Dev> ref_log_probs{};    // [B, T]; needed when beta > 0, never read when beta == 0
+  View<const T, Dev> entropy{};          // [B, T] for the entropy metric; empty: none
   std::span<const uint8_t> truncated{};  // [B] 1: hit the length limit without a stop token
   double token_count = 0.0;              // dapo's N over the whole step; 0: this batch's tokens
 };
@@ -485,11 +486,12 @@ struct GrpoMetrics {
   double entropy = 0.0;            // token mean of inputs.entropy; 0 without it
 };
 
-template <class T>
+template <class T, class Dev = Cpu>
 struct GrpoCache {
-  Tensor<T> dloss_dlog_probs;  // [B, T] for dloss = 1: the loss is cheap, so forward finds it
-  Tensor<T> dlog_probs;        // [B, T], backward's output
+  Tensor<T, Dev> dloss_dlog_probs;  // [B, T] for dloss = 1: the loss is cheap, so forward finds it
+  Tensor<T, Dev> dlog_probs;        // [B, T], backward's output
   GrpoMetrics metrics;
+  Tensor<double, Dev> workspace;    // CUDA: per-completion sums and the totals (unused on the CPU)
 };
 
 // Completion tokens that count in a mask [B, T] (a Tensor or View), without the truncated
@@ -509,19 +511,28 @@ double completion_tokens(const GrpoLoss& loss, const Mask& mask, std::span<const
 
 namespace detail {
 
+// The per-token functions below are R1_HOST_DEVICE: the CUDA loss (r1/cuda/grpo.cuh) calls
+// the same code. clamp_to and max_of are std::clamp and std::max (same comparisons).
+R1_HOST_DEVICE double clamp_to(double v, double low, double high) { return v < low ? low : high < v ? high : v; }
+R1_HOST_DEVICE double max_of(double a, double b) { return a < b ? b : a; }
+
 // KL estimator k(lp, ref) and dk/dlp.
-inline std::pair<double, double> kl_term(KlEstimator estimator, double lp, double ref) {
+struct KlTerm {
+  double value, grad;
+};
+
+R1_HOST_DEVICE KlTerm kl_term(KlEstimator estimator, double lp, double ref) {
   switch (estimator) {
     case KlEstimator::K1:
       return {lp - ref, 1.0};
     case KlEstimator::K2:
       return {0.5 * (lp - ref) * (lp - ref), lp - ref};
     case KlEstimator::K3: {
-      const double raw = ref - lp, u = std::clamp(raw, -20.0, 20.0);
-      const double k = std::expm1(u) - u;
-      const double clamped = std::clamp(k, -10.0, 10.0);
+      const double raw = ref - lp, u = clamp_to(raw, -20.0, 20.0);
+      const double k = ::expm1(u) - u;
+      const double clamped = clamp_to(k, -10.0, 10.0);
       const bool flows = raw == u && k == clamped;  // the clamps pass gradient only inside
-      return {clamped, flows ? -std::expm1(u) : 0.0};
+      return {clamped, flows ? -::expm1(u) : 0.0};
     }
   }
   return {0.0, 0.0};
@@ -533,27 +544,161 @@ struct Surrogate {
   bool low = false, high = false, dual = false;
 };
 
-inline Surrogate surrogate(const GrpoLoss& loss, double rho, double a) {
+// rho's clip range [low, high] and the dual clip c (0: off), from a GrpoLoss.
+struct ClipBounds {
+  double low, high, dual;
+};
+
+inline ClipBounds clip_bounds(const GrpoLoss& loss) {
+  return {1.0 - loss.epsilon, 1.0 + loss.eps_high(), loss.clip_ratio_c};
+}
+
+R1_HOST_DEVICE Surrogate surrogate(const ClipBounds& clip, double rho, double a) {
   Surrogate s;
-  const double unclipped = -a * rho, clipped = -a * std::clamp(rho, 1.0 - loss.epsilon, 1.0 + loss.eps_high());
+  const double unclipped = -a * rho, clipped = -a * clamp_to(rho, clip.low, clip.high);
   // clipped > unclipped only when rho is outside the range, where the clip has no gradient.
-  s.value = std::max(unclipped, clipped);
+  s.value = max_of(unclipped, clipped);
   s.grad = clipped > unclipped ? 0.0 : -a;
-  if (loss.clip_ratio_c > 0.0 && a < 0.0 && s.value > -a * loss.clip_ratio_c) {
-    s.value = -a * loss.clip_ratio_c;
+  if (clip.dual > 0.0 && a < 0.0 && s.value > -a * clip.dual) {
+    s.value = -a * clip.dual;
     s.grad = 0.0;
     s.dual = true;
   }
-  s.low = rho < 1.0 - loss.epsilon && a < 0.0;
-  s.high = rho > 1.0 + loss.eps_high() && a > 0.0;
+  s.low = rho < clip.low && a < 0.0;
+  s.high = rho > clip.high && a > 0.0;
   return s;
+}
+
+inline Surrogate surrogate(const GrpoLoss& loss, double rho, double a) { return surrogate(clip_bounds(loss), rho, a); }
+
+// Reduction weight of a token with effective mask m in a completion of `length` tokens
+// (loss = sum w L); tokens: this batch's, token_count: dapo's N (0: this batch's).
+R1_HOST_DEVICE double token_weight(LossType loss_type, double m, double batch, double length, double tokens,
+                                   double token_count, double max_completion_length) {
+  switch (loss_type) {
+    case LossType::Grpo: return m / (batch * max_of(1.0, length));
+    case LossType::Bnpo: return m / max_of(1.0, tokens);
+    case LossType::Dapo: return m / (token_count > 0.0 ? token_count : max_of(1.0, tokens));
+    case LossType::DrGrpo: return m / (batch * max_completion_length);
+    case LossType::SeqMeanTokenSum: return m / batch;
+  }
+  return 0.0;
 }
 
 }  // namespace detail
 
+R1_DECLARE_IMPL(GrpoImpl, "grpo.cuh");
+
+template <>
+struct GrpoImpl<Cpu> {
+  // The loss over validated inputs; fills c.metrics and c.dloss_dlog_probs.
+  template <class T>
+  static T forward(const GrpoLoss& loss, const GrpoInputs<T>& in, GrpoCache<T>& c) {
+    const int64_t B = in.log_probs.size(0), L = in.log_probs.size(1);
+    const Shape bt{B, L};
+    const bool per_token = in.advantages.rank() == 2;
+    const bool has_old = !in.old_log_probs.empty();
+    const bool use_kl = loss.beta > 0.0;
+
+    // The effective mask: 0/1 values, truncated completions zeroed when asked.
+    std::vector<double> mask(static_cast<std::size_t>(B * L));
+    std::vector<double> lengths(B, 0.0);
+    for (int64_t b = 0; b < B; ++b) {
+      const bool dropped = loss.mask_truncated_completions && in.truncated[b];
+      for (int64_t t = 0; t < L; ++t) {
+        const double m = static_cast<double>(in.mask(b, t));
+        R1_CHECK(m == 0.0 || m == 1.0, "[grpo.forward] mask(", b, ", ", t, ") is ", m, ", expected 0 or 1");
+        mask[b * L + t] = dropped ? 0.0 : m;
+        lengths[b] += mask[b * L + t];
+      }
+    }
+    double tokens = 0.0;
+    for (const double n : lengths) tokens += n;
+
+    // Reduction weight of token (b, t): loss = sum w L.
+    const double batch = static_cast<double>(B);
+    const auto weight = [&](int64_t b, int64_t t) {
+      return detail::token_weight(loss.loss_type, mask[b * L + t], batch, lengths[b], tokens, in.token_count,
+                                  static_cast<double>(loss.max_completion_length));
+    };
+    const auto log_ratio = [&](int64_t b, int64_t t) {
+      return has_old ? static_cast<double>(in.log_probs(b, t)) - static_cast<double>(in.old_log_probs(b, t)) : 0.0;
+    };
+    const auto advantage = [&](int64_t b, int64_t t) {
+      return static_cast<double>(per_token ? in.advantages(b, t) : in.advantages(b));
+    };
+
+    c.dloss_dlog_probs.resize(bt, /*zero=*/true);
+    GrpoMetrics& metrics = c.metrics;
+    metrics = GrpoMetrics{};
+    metrics.tokens = tokens;
+    const double token_norm = std::max(1.0, tokens);
+    double total = 0.0;
+    for (int64_t b = 0; b < B; ++b) {
+      const bool sequence = loss.importance_sampling_level == ImportanceSampling::Sequence;
+      double seq_log_ratio = 0.0;
+      if (sequence) {
+        for (int64_t t = 0; t < L; ++t)
+          if (mask[b * L + t] != 0.0) seq_log_ratio += log_ratio(b, t);
+        seq_log_ratio /= std::max(1.0, lengths[b]);
+      }
+      double seq_weighted_grad = 0.0;  // sequence level: sum_t w dl/drho, gathered before spreading
+      for (int64_t t = 0; t < L; ++t) {
+        const double w = weight(b, t);
+        if (mask[b * L + t] == 0.0) continue;
+        const double raw = sequence ? seq_log_ratio : log_ratio(b, t);
+        const double x = std::clamp(raw, -20.0, 20.0);
+        const double rho = std::exp(x), drho = x == raw ? rho : 0.0;
+        const detail::Surrogate s = detail::surrogate(loss, rho, advantage(b, t));
+        double value = s.value, grad = 0.0;
+        if (sequence) {
+          seq_weighted_grad += w * s.grad;
+        } else {
+          grad = w * s.grad * drho;
+          const double share = 1.0 / token_norm;
+          metrics.clip_ratio_low += s.low * share;
+          metrics.clip_ratio_high += s.high * share;
+          metrics.clip_ratio_region += (s.low || s.high) * share;
+          metrics.clip_ratio_dual += s.dual * share;
+        }
+        if (use_kl) {
+          const auto [k, dk] = detail::kl_term(loss.kl_estimator, static_cast<double>(in.log_probs(b, t)),
+                                               static_cast<double>(in.ref_log_probs(b, t)));
+          value += loss.beta * k;
+          grad += w * loss.beta * dk;
+          metrics.kl += k / token_norm;
+        }
+        if (!in.entropy.empty()) metrics.entropy += static_cast<double>(in.entropy(b, t)) / token_norm;
+        total += w * value;
+        c.dloss_dlog_probs(b, t) = static_cast<T>(grad);
+      }
+      if (sequence) {
+        // d log rho[b] / d lp[b, t] = m / max(1, |o_b|) inside the clamp.
+        const double x = std::clamp(seq_log_ratio, -20.0, 20.0), rho = std::exp(x);
+        const double spread = x == seq_log_ratio ? seq_weighted_grad * rho / std::max(1.0, lengths[b]) : 0.0;
+        for (int64_t t = 0; t < L; ++t)
+          if (mask[b * L + t] != 0.0) c.dloss_dlog_probs(b, t) += static_cast<T>(spread);
+        // TRL counts clipping per completion at sequence level.
+        const detail::Surrogate s = detail::surrogate(loss, rho, advantage(b, 0));
+        metrics.clip_ratio_low += s.low / batch;
+        metrics.clip_ratio_high += s.high / batch;
+        metrics.clip_ratio_region += (s.low || s.high) / batch;
+        metrics.clip_ratio_dual += s.dual / batch;
+      }
+    }
+    metrics.loss = total;
+    return static_cast<T>(total);
+  }
+
+  template <class T>
+  static void scale_gradient(ConstView<T> dloss_dlog_probs, T dloss, View<T> dlog_probs) {
+    dlog_probs.matrix() = dloss_dlog_probs.matrix() * dloss;
+  }
+};
+
 // The scalar loss; its gradient for dloss = 1 is computed too and kept in the cache.
-template <class T>
-T forward(const GrpoLoss& loss, const GrpoInputs<T>& in, GrpoCache<T>& c) {
+template <class T, class Dev>
+T forward(const GrpoLoss& loss, const GrpoInputs<T, Dev>& in, GrpoCache<T, Dev>& c) {
   loss.validate();
   R1_CHECK(in.log_probs.rank() == 2 && in.log_probs.size(0) > 0 && in.log_probs.size(1) > 0,
            "[grpo.forward] log_probs have shape ", in.log_probs.shape(), ", expected [B, T] with B, T > 0");
@@ -585,109 +730,15 @@ T forward(const GrpoLoss& loss, const GrpoInputs<T>& in, GrpoCache<T>& c) {
   R1_CHECK(loss.loss_type != LossType::DrGrpo || L <= loss.max_completion_length, "[grpo.forward] dr_grpo: ", L,
            " completion tokens exceed max_completion_length ", loss.max_completion_length);
 
-  // The effective mask: 0/1 values, truncated completions zeroed when asked.
-  std::vector<double> mask(static_cast<std::size_t>(B * L));
-  std::vector<double> lengths(B, 0.0);
-  for (int64_t b = 0; b < B; ++b) {
-    const bool dropped = loss.mask_truncated_completions && in.truncated[b];
-    for (int64_t t = 0; t < L; ++t) {
-      const double m = static_cast<double>(in.mask(b, t));
-      R1_CHECK(m == 0.0 || m == 1.0, "[grpo.forward] mask(", b, ", ", t, ") is ", m, ", expected 0 or 1");
-      mask[b * L + t] = dropped ? 0.0 : m;
-      lengths[b] += mask[b * L + t];
-    }
-  }
-  double tokens = 0.0;
-  for (const double n : lengths) tokens += n;
-
-  // Reduction weight of token (b, t): loss = sum w L.
-  const double batch = static_cast<double>(B);
-  const auto weight = [&](int64_t b, int64_t t) -> double {
-    const double m = mask[b * L + t];
-    switch (loss.loss_type) {
-      case LossType::Grpo: return m / (batch * std::max(1.0, lengths[b]));
-      case LossType::Bnpo: return m / std::max(1.0, tokens);
-      case LossType::Dapo: return m / (in.token_count > 0.0 ? in.token_count : std::max(1.0, tokens));
-      case LossType::DrGrpo: return m / (batch * static_cast<double>(loss.max_completion_length));
-      case LossType::SeqMeanTokenSum: return m / batch;
-    }
-    return 0.0;
-  };
-  const auto log_ratio = [&](int64_t b, int64_t t) {
-    return has_old ? static_cast<double>(in.log_probs(b, t)) - static_cast<double>(in.old_log_probs(b, t)) : 0.0;
-  };
-  const auto advantage = [&](int64_t b, int64_t t) {
-    return static_cast<double>(per_token ? in.advantages(b, t) : in.advantages(b));
-  };
-
-  c.dloss_dlog_probs.resize(bt, /*zero=*/true);
-  GrpoMetrics& metrics = c.metrics;
-  metrics = GrpoMetrics{};
-  metrics.tokens = tokens;
-  const double token_norm = std::max(1.0, tokens);
-  double total = 0.0;
-  for (int64_t b = 0; b < B; ++b) {
-    const bool sequence = loss.importance_sampling_level == ImportanceSampling::Sequence;
-    double seq_log_ratio = 0.0;
-    if (sequence) {
-      for (int64_t t = 0; t < L; ++t)
-        if (mask[b * L + t] != 0.0) seq_log_ratio += log_ratio(b, t);
-      seq_log_ratio /= std::max(1.0, lengths[b]);
-    }
-    double seq_weighted_grad = 0.0;  // sequence level: sum_t w dl/drho, gathered before spreading
-    for (int64_t t = 0; t < L; ++t) {
-      const double w = weight(b, t);
-      if (mask[b * L + t] == 0.0) continue;
-      const double raw = sequence ? seq_log_ratio : log_ratio(b, t);
-      const double x = std::clamp(raw, -20.0, 20.0);
-      const double rho = std::exp(x), drho = x == raw ? rho : 0.0;
-      const detail::Surrogate s = detail::surrogate(loss, rho, advantage(b, t));
-      double value = s.value, grad = 0.0;
-      if (sequence) {
-        seq_weighted_grad += w * s.grad;
-      } else {
-        grad = w * s.grad * drho;
-        const double share = 1.0 / token_norm;
-        metrics.clip_ratio_low += s.low * share;
-        metrics.clip_ratio_high += s.high * share;
-        metrics.clip_ratio_region += (s.low || s.high) * share;
-        metrics.clip_ratio_dual += s.dual * share;
-      }
-      if (use_kl) {
-        const auto [k, dk] = detail::kl_term(loss.kl_estimator, static_cast<double>(in.log_probs(b, t)),
-                                             static_cast<double>(in.ref_log_probs(b, t)));
-        value += loss.beta * k;
-        grad += w * loss.beta * dk;
-        metrics.kl += k / token_norm;
-      }
-      if (!in.entropy.empty()) metrics.entropy += static_cast<double>(in.entropy(b, t)) / token_norm;
-      total += w * value;
-      c.dloss_dlog_probs(b, t) = static_cast<T>(grad);
-    }
-    if (sequence) {
-      // d log rho[b] / d lp[b, t] = m / max(1, |o_b|) inside the clamp.
-      const double x = std::clamp(seq_log_ratio, -20.0, 20.0), rho = std::exp(x);
-      const double spread = x == seq_log_ratio ? seq_weighted_grad * rho / std::max(1.0, lengths[b]) : 0.0;
-      for (int64_t t = 0; t < L; ++t)
-        if (mask[b * L + t] != 0.0) c.dloss_dlog_probs(b, t) += static_cast<T>(spread);
-      // TRL counts clipping per completion at sequence level.
-      const detail::Surrogate s = detail::surrogate(loss, rho, advantage(b, 0));
-      metrics.clip_ratio_low += s.low / batch;
-      metrics.clip_ratio_high += s.high / batch;
-      metrics.clip_ratio_region += (s.low || s.high) / batch;
-      metrics.clip_ratio_dual += s.dual / batch;
-    }
-  }
-  metrics.loss = total;
-  return static_cast<T>(total);
+  return GrpoImpl<Dev>::forward(loss, in, c);
 }
 
 // d loss / d log_probs [B, T] for an upstream gradient dloss.
-template <class T>
-const Tensor<T>& backward(const GrpoLoss&, GrpoCache<T>& c, T dloss = T(1)) {
+template <class T, class Dev>
+const Tensor<T, Dev>& backward(const GrpoLoss&, GrpoCache<T, Dev>& c, T dloss = T(1)) {
   R1_CHECK(c.dloss_dlog_probs.data() != nullptr, "[grpo.backward] the cache holds no forward pass: call forward first");
   c.dlog_probs.resize(c.dloss_dlog_probs.shape());
-  c.dlog_probs.matrix() = c.dloss_dlog_probs.matrix() * dloss;
+  GrpoImpl<Dev>::scale_gradient(c.dloss_dlog_probs.view(), dloss, c.dlog_probs.view());
   return c.dlog_probs;
 }
 

@@ -15,32 +15,72 @@
 #include "config.hpp"
 #include "device.hpp"
 #include "parallel.hpp"
+#include "simd.hpp"
 #include "tensor.hpp"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace r1 {
 
 // ---------------------------------------------------------------------------------------
 // C = A B, or C += A B with accumulate, for Eigen expressions on the host (maps, their
-// transposes, blocks); C is row-major, as every r1 matrix is. The default build splits C
-// into bands of rows (or of columns, when C is wide, as for a single token's y[1, N])
-// across r1's threads, and each band is one single-threaded Eigen product.
+// transposes, blocks); C is row-major, as every r1 matrix is. Three paths:
 //
-// Why the results are bit-identical for any thread count: single-threaded, Eigen blocks
-// the inner dimension by its length alone, and its micro-kernels sum each element in an
-// order fixed by the element's place in a register block (Eigen computes a row-major C as
-// C^T = B^T A^T, whose row blocks are mr = 3 SIMD packets of C's columns, and column
-// blocks nr = 4 of C's rows; the tail rows use other kernels). So bands start at
-// multiples of mr columns, or of 16 rows, and only the last band holds the tail. Every
-// band has at least one full block, so none becomes a matrix-vector product unless C is
-// one. Eigen's own threading re-blocks by thread count and gives no such guarantee.
-//
-// A product with inner dimension 1 (a single token's dW = dy^T x) is a plain outer
-// product: Eigen's GEMM would spend its time packing.
-//
-// With R1_USE_OPENBLAS the whole product goes to OpenBLAS (EIGEN_USE_BLAS), which threads
-// itself. That is faster for M >= 128 but not bit-identical across thread counts.
+// - float, AVX-512, operands with direct access (the usual case): r1's own SGEMM
+//   (simd::sgemm_block in simd.hpp). C is split into bands of rows (or of 64-column panels
+//   when C is wide) across r1's threads. Each element is one running sum over k in order,
+//   computed by one thread, so results are bit-identical for any thread count.
+// - anything else (double, other targets, expressions without direct access): Eigen's
+//   product, in bands the same way. Single-threaded, Eigen blocks the inner dimension by
+//   its length alone, and its micro-kernels sum each element in an order fixed by the
+//   element's place in a register block (Eigen computes a row-major C as C^T = B^T A^T,
+//   whose row blocks are mr = 3 SIMD packets of C's columns, and column blocks nr = 4 of
+//   C's rows; the tail rows use other kernels). So bands start at multiples of mr columns,
+//   or of 16 rows, and only the last band holds the tail: again the same bits for any
+//   thread count. Eigen's own threading re-blocks by thread count and gives no such
+//   guarantee. A product with inner dimension 1 (a single token's dW = dy^T x) is a plain
+//   outer product there: Eigen's GEMM would spend its time packing.
+// - with R1_USE_OPENBLAS every product goes to OpenBLAS (EIGEN_USE_BLAS), which threads
+//   itself and is not bit-identical across thread counts.
+#if R1_SIMD_SGEMM
+namespace detail {
+
+template <class E>
+inline constexpr bool is_direct_float =
+    std::is_same_v<typename E::Scalar, float> && (static_cast<unsigned>(E::Flags) & Eigen::DirectAccessBit) != 0;
+
+// An Eigen expression with direct access as (pointer, rows, cols, row stride, col stride).
+template <class E>
+simd::StridedMatrix strided(const E& e) {
+  const int64_t inner = e.innerStride(), outer = e.outerStride();
+  return {e.data(), e.rows(), e.cols(), E::IsRowMajor ? outer : inner, E::IsRowMajor ? inner : outer};
+}
+
+// The SGEMM path of r1::gemm.
+template <class A, class B, class C>
+void sgemm(const A& a, const B& b, C& c, bool accumulate) {
+  const simd::StridedMatrix sa = strided(a), sb = strided(b);
+  float* const out = c.data();
+  const int64_t M = c.rows(), N = c.cols(), ldc = c.outerStride();
+  const bool split_rows = M >= N;
+  const int64_t band = split_rows ? simd::detail::kMr : simd::detail::kNr;
+  const int64_t length = split_rows ? M : N;
+  const int64_t bands = std::max<int64_t>(1, (length + band - 1) / band);
+  const int64_t madds_per_band = band * (split_rows ? N : M) * std::max<int64_t>(a.cols(), 1);
+  parallel_for(bands, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * band, count = std::min(length, end * band) - first;
+    if (split_rows) {
+      simd::sgemm_block(sa, sb, out, ldc, first, count, 0, N, accumulate);
+    } else {
+      simd::sgemm_block(sa, sb, out, ldc, 0, M, first, count, accumulate);
+    }
+  }, min_items_per_thread(madds_per_band));
+}
+
+}  // namespace detail
+#endif
+
 template <class A, class B, class C>
 void gemm(const A& a, const B& b, C&& c, bool accumulate = false) {
   using Dest = std::decay_t<C>;
@@ -63,6 +103,15 @@ void gemm(const A& a, const B& b, C&& c, bool accumulate = false) {
 #if defined(R1_USE_OPENBLAS)
   product(c, a, b);
 #else
+#if R1_SIMD_SGEMM
+  if constexpr (detail::is_direct_float<A> && detail::is_direct_float<B> &&
+                detail::is_direct_float<Dest> && (static_cast<unsigned>(Dest::Flags) & Eigen::LvalueBit) != 0) {
+    if (c.innerStride() == 1 && c.rows() > 0 && c.cols() > 0) {
+      detail::sgemm(a, b, c, accumulate);
+      return;
+    }
+  }
+#endif
   using Scalar = typename Dest::Scalar;
   const bool split_rows = c.rows() >= c.cols();
   const int64_t band = split_rows ? 16 : Eigen::internal::gebp_traits<Scalar, Scalar>::mr;
@@ -122,11 +171,12 @@ R1_DECLARE_IMPL(LinearImpl, "linear.cuh");
 
 template <>
 struct LinearImpl<Cpu> {
-  // y = x W^T (+ b); x and y are (rows x in) and (rows x out) Eigen maps.
-  template <class X, class Y, class T>
-  static void affine(const X& x, const Linear<T, Cpu>& p, Y&& y) {
-    gemm(x, p.weight.matrix().transpose(), y);
-    if (p.has_bias()) y.rowwise() += p.bias.vector().transpose();
+  // y = x W^T (+ b); x is [..., in] and y [..., out], leading dims flattened into rows.
+  template <class T>
+  static void affine(ConstView<T> x, const Linear<T, Cpu>& p, MutableView<T> y) {
+    auto y_m = y.matrix();
+    gemm(x.matrix(), p.weight.matrix().transpose(), y_m);
+    if (p.has_bias()) y_m.rowwise() += p.bias.vector().transpose();
   }
 
   template <class T>
@@ -148,11 +198,11 @@ const Tensor<T, Dev>& forward(const Linear<T, Dev>& p, ConstView<T, Dev> x, Line
   R1_CHECK(!p.has_bias() || p.bias.shape() == Shape{p.out_features()}, "[linear.forward] bias has shape ", p.bias.shape(),
            ", expected [", p.out_features(), "]");
   c.x.resize(x.shape());
-  c.x.matrix() = x.matrix();
+  copy(x, c.x.view());
   Shape out = x.shape();
   out.dims[out.rank - 1] = p.out_features();
   c.y.resize(out);
-  LinearImpl<Dev>::affine(c.x.matrix(), p, c.y.matrix());
+  LinearImpl<Dev>::affine(c.x, p, c.y);
   return c.y;
 }
 
@@ -177,7 +227,7 @@ void apply(const Linear<T, Dev>& p, ConstView<T, Dev> x, MutableView<T, Dev> y) 
            ", expected last dim ", p.in_features());
   out.dims[out.rank - 1] = p.out_features();
   check_shape(y, out, "linear.apply", "y");
-  LinearImpl<Dev>::affine(x.matrix(), p, y.matrix());
+  LinearImpl<Dev>::affine(x, p, y);
 }
 
 }  // namespace r1

@@ -42,14 +42,33 @@ struct CrossEntropyCache {
   Tensor<T, Dev> log_probs, dlogits;
   Tensor<int32_t, Dev> targets;
   int64_t valid = 0;  // C: targets that are not ignore_index
+  Tensor<double, Dev> loss_sum;  // CUDA: the device reduction's result (unused on the CPU)
 };
 
 R1_DECLARE_IMPL(LossImpl, "loss.cuh");
 
+namespace detail {
+// Checks every target and returns C, the count of those that are not ignore_index.
+inline int64_t count_valid_targets(const CrossEntropy& loss, const int32_t* targets, int64_t count, int64_t vocab) {
+  int64_t valid = 0;
+  for (int64_t n = 0; n < count; ++n) {
+    const int32_t t = targets[n];
+    if (t == loss.ignore_index) continue;
+    R1_CHECK(0 <= t && t < vocab, "[cross_entropy.forward] target ", t, " at position ", n, " is out of range [0, ", vocab,
+             ") and is not ignore_index ", loss.ignore_index);
+    ++valid;
+  }
+  return valid;
+}
+}  // namespace detail
+
 template <>
 struct LossImpl<Cpu> {
-  template <class X, class Y>
-  static void log_softmax(const X& x, Y&& y) {
+  // y = log_softmax(x) over the last dim; y is contiguous, x may have a row stride.
+  template <class T>
+  static void log_softmax(ConstView<T> x_view, View<T> y_view) {
+    const auto x = x_view.matrix();
+    auto y = y_view.matrix();
     parallel_for(x.rows(), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const auto shifted = (x.row(n).array() - x.row(n).maxCoeff()).eval();
@@ -59,14 +78,21 @@ struct LossImpl<Cpu> {
   }
 
   // dx = dy - exp(y) * rowsum(dy); dx may alias dy.
-  template <class Y, class DY, class DX>
-  static void log_softmax_backward(const Y& y, const DY& dy, DX&& dx) {
+  template <class T>
+  static void log_softmax_backward(ConstView<T> y_view, ConstView<T> dy_view, View<T> dx_view) {
+    const auto y = y_view.matrix();
+    const auto dy = dy_view.matrix();
+    auto dx = dx_view.matrix();
     parallel_for(y.rows(), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const auto total = dy.row(n).sum();
         dx.row(n) = dy.row(n) - (y.row(n).array().exp() * total).matrix();
       }
     }, min_items_per_thread(4 * y.cols()));
+  }
+
+  static int64_t count_valid_targets(const CrossEntropy& loss, ConstView<int32_t> targets, int64_t vocab) {
+    return detail::count_valid_targets(loss, targets.data(), targets.numel(), vocab);
   }
 
   template <class T>
@@ -104,7 +130,7 @@ const Tensor<T, Dev>& forward(const LogSoftmax&, ConstView<T, Dev> x, LogSoftmax
   R1_CHECK(x.rank() >= 1 && x.size(x.rank() - 1) > 0, "[log_softmax.forward] x has shape ", x.shape(),
            ", expected a non-empty last dim");
   c.y.resize(x.shape());
-  LossImpl<Dev>::log_softmax(x.matrix(), c.y.matrix());
+  LossImpl<Dev>::log_softmax(x, c.y.view());
   return c.y;
 }
 
@@ -113,7 +139,7 @@ const Tensor<T, Dev>& backward(const LogSoftmax&, LogSoftmaxCache<T, Dev>& c, Co
   R1_CHECK(c.y.data() != nullptr, "[log_softmax.backward] the cache holds no forward pass: call forward first");
   R1_CHECK(dy.shape() == c.y.shape(), "[log_softmax.backward] dy has shape ", dy.shape(), ", expected ", c.y.shape());
   c.dx.resize(c.y.shape());
-  LossImpl<Dev>::log_softmax_backward(c.y.matrix(), dy.matrix(), c.dx.matrix());
+  LossImpl<Dev>::log_softmax_backward(c.y.view(), dy, c.dx.view());
   return c.dx;
 }
 
@@ -127,18 +153,11 @@ T forward(const CrossEntropy& loss, ConstView<T, Dev> logits, ConstView<int32_t,
            "[cross_entropy.forward] targets have shape ", targets.shape(), ", logits ", logits.shape(),
            ": expected targets to match the logits without their last dim");
   R1_CHECK(targets.is_contiguous(), "[cross_entropy.forward] targets are not contiguous");
-  c.valid = 0;
-  for (int64_t n = 0; n < targets.numel(); ++n) {
-    const int32_t t = targets.data()[n];
-    if (t == loss.ignore_index) continue;
-    R1_CHECK(0 <= t && t < vocab, "[cross_entropy.forward] target ", t, " at position ", n, " is out of range [0, ", vocab,
-             ") and is not ignore_index ", loss.ignore_index);
-    ++c.valid;
-  }
+  c.valid = LossImpl<Dev>::count_valid_targets(loss, targets, vocab);
   c.targets.resize(targets.shape());
-  std::copy(targets.data(), targets.data() + targets.numel(), c.targets.data());
+  copy(targets, c.targets.view());
   c.log_probs.resize(logits.shape());
-  LossImpl<Dev>::log_softmax(logits.matrix(), c.log_probs.matrix());
+  LossImpl<Dev>::log_softmax(logits, c.log_probs.view());
   return LossImpl<Dev>::cross_entropy(c, loss);
 }
 

@@ -90,6 +90,10 @@ struct MlaConfig {
 };
 
 // ---------------------------------------------------------------------------------------
+// Device kernels: MlaImpl<Cpu> below, MlaImpl<Cuda> in r1/cuda/mla.cuh.
+R1_DECLARE_IMPL(MlaImpl, "mla.cuh");
+
+// ---------------------------------------------------------------------------------------
 // Params
 template <class T, class Dev = Cpu>
 struct Mla {
@@ -149,12 +153,14 @@ struct MlaCache {
   Tensor<int32_t, Dev> positions;  // [B*S]
   Tensor<T, Dev> q_rot;            // [B*S, H, Dq], q_pe RoPE'd
   Tensor<T, Dev> k_pe;             // [B*S, R], RoPE'd
-  Tensor<T, Dev> qh, kh, vh;       // [B, H, S, Dq], [B, H, S, Dq], [B, H, S, V]
-  Tensor<T, Dev> probs;            // [B, H, S, S]
+  Tensor<T, Dev> qh, kh, vh;       // Cpu: [B, H, S, Dq], [B, H, S, Dq], [B, H, S, V]
+  Tensor<T, Dev> probs;            // Cpu: [B, H, S, S]
+  Tensor<float, Dev> lse;          // Cuda: [B, H, S], log-sum-exp of each score row (flash attention keeps no probs)
   Tensor<T, Dev> attn;             // [B, S, H*V]: o_proj's input
   // backward
-  Tensor<T, Dev> dz;               // [B, H, S, S]
-  Tensor<T, Dev> dkh;              // [B, H, S, Dq]
+  Tensor<T, Dev> dz;               // Cpu: [B, H, S, S]
+  Tensor<T, Dev> dkh;              // Cpu: [B, H, S, Dq]; Cuda: [B, S, H, R], each head's part of dk_pe
+  Tensor<float, Dev> delta;        // Cuda: [B, H, S], rowsum(dO * O)
   Tensor<T, Dev> dq;               // [B*S, H, Dq]
   Tensor<T, Dev> dkv;              // [B, S, H*(N+V)]
   Tensor<T, Dev> dk_pe;            // [B*S, R]
@@ -235,12 +241,14 @@ class MlaKvCache {
       s.blocks.push_back(free_.back());
       free_.pop_back();
     }
-    const auto lat = latent.matrix();
-    const auto pe = k_pe.matrix();
-    for (int64_t i = 0; i < n; ++i) {
-      T* dst = token(s, s.length + i);
-      for (int64_t j = 0; j < kv_lora_rank_; ++j) dst[j] = lat(i, j);
-      for (int64_t j = 0; j < rope_dim_; ++j) dst[kv_lora_rank_ + j] = pe(i, j);
+    // Tokens that share a block are consecutive rows of the pool: one strided copy per block.
+    for (int64_t i = 0; i < n;) {
+      const int64_t t = s.length + i, run = std::min(n - i, block_size_ - t % block_size_);
+      T* dst = token(s, t);
+      const typename View<T, Dev>::Strides rows{row(), 1};
+      MlaImpl<Dev>::copy_rows(latent.slice(0, i, i + run), View<T, Dev>(dst, Shape{run, kv_lora_rank_}, rows));
+      MlaImpl<Dev>::copy_rows(k_pe.slice(0, i, i + run), View<T, Dev>(dst + kv_lora_rank_, Shape{run, rope_dim_}, rows));
+      i += run;
     }
     s.length += n;
   }
@@ -278,6 +286,8 @@ class MlaKvCache {
     return (s.length + block_size_ - 1) / block_size_;
   }
   const std::vector<int32_t>& block_table(int64_t seq) const { return at(seq, "mla_kv_cache.block_table").blocks; }
+  // The whole pool [num_blocks, block_size, C+R], for kernels that walk the block tables.
+  View<const T, Dev> pool() const { return pool_.view(); }
 
  private:
   struct Seq {
@@ -309,9 +319,11 @@ template <class T, class Dev = Cpu>
 struct MlaDecodeCache {
   static constexpr int64_t kChunkBlocks = 4;
   Tensor<T, Dev> qa, q, kva, kpe, qcat, attn, y;
-  Tensor<T, Dev> scores;           // [chunks, H*T, kChunkBlocks * block_size]
-  Tensor<T, Dev> acc;              // [chunks, H*T, C]
-  Tensor<T, Dev> run_max, run_sum; // [chunks, H*T]
+  Tensor<T, Dev> scores;           // Cpu: [chunks, H*T, kChunkBlocks * block_size]
+  Tensor<T, Dev> acc;              // Cpu: [chunks, H*T, C]; Cuda: [B, splits, H*T, C], each split's normalized output
+  Tensor<T, Dev> run_max, run_sum; // Cpu: [chunks, H*T]
+  Tensor<float, Dev> split_lse;    // Cuda: [B, splits, H*T], each split's log-sum-exp
+  Tensor<int32_t, Dev> block_tables, lengths;  // Cuda: [B, max blocks] and [B], the cache's tables on the device
   Tensor<T, Dev> olat;             // [B, H*T, C]
   RMSNormCache<T, Dev> q_norm, kv_norm;
   Tensor<int32_t, Dev> positions;
@@ -319,8 +331,6 @@ struct MlaDecodeCache {
 };
 
 // ---------------------------------------------------------------------------------------
-R1_DECLARE_IMPL(MlaImpl, "mla.cuh");
-
 template <>
 struct MlaImpl<Cpu> {
   // Query rows per causal tile of the training path; tiles above the diagonal are skipped.
@@ -342,12 +352,28 @@ struct MlaImpl<Cpu> {
     row.tail(row.size() - valid).setZero();
   }
 
+  // dst = src for two [rows, cols] views with unit column stride (rows may be strided).
+  template <class T>
+  static void copy_rows(ConstView<T, Cpu> src, View<T, Cpu> dst) {
+    dst.matrix() = src.matrix();
+  }
+
+  // dst += src, same shapes.
+  template <class T>
+  static void add(ConstView<T, Cpu> src, View<T, Cpu> dst) {
+    dst.matrix() += src.matrix();
+  }
+
   // Q, K, V per head, then P and O for every (b, h).
   template <class T>
   static void attention_forward(const Mla<T, Cpu>& p, MlaCache<T, Cpu>& c) {
     const auto& cf = p.config;
     const int64_t B = c.batch, S = c.seq, H = cf.num_attention_heads, N = cf.qk_nope_head_dim, R = cf.qk_rope_head_dim,
                   V = cf.v_head_dim, Dq = N + R, Dkv = N + V;
+    c.qh.resize(Shape{B, H, S, Dq});
+    c.kh.resize(Shape{B, H, S, Dq});
+    c.vh.resize(Shape{B, H, S, V});
+    c.probs.resize(Shape{B, H, S, S});
     const T* q = c.q_rot.data();
     const T* kv = c.kv_b.y.data();
     const T* kpe = c.k_pe.data();
@@ -389,6 +415,8 @@ struct MlaImpl<Cpu> {
                   V = cf.v_head_dim, Dq = N + R, Dkv = N + V;
     const T* dout = c.o.dx.data();
     const T scale = static_cast<T>(p.softmax_scale());
+    c.dz.resize(Shape{B, H, S, S});
+    c.dkh.resize(Shape{B, H, S, Dq});
     parallel_for(B * H, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, h = bh % H;
@@ -575,13 +603,17 @@ const Tensor<T, Dev>& forward(const Mla<T, Dev>& p, ConstView<T, Dev> x, ConstVi
   R1_CHECK(positions.is_contiguous(), "[mla.forward] positions are not contiguous");
   c.batch = B;
   c.seq = S;
-  c.positions.resize(Shape{B * S});
+  // Checked on the host (positions may live on the device), then broadcast to [B*S].
+  Tensor<int32_t> given(positions.shape()), all(Shape{B * S});
+  copy(positions, given.view());
   for (int64_t i = 0; i < B * S; ++i) {
-    const int32_t pos = positions.data()[positions.rank() == 1 ? i % S : i];
+    const int32_t pos = given.data()[positions.rank() == 1 ? i % S : i];
     R1_CHECK(0 <= pos && pos < cf.max_position_embeddings, "[mla.forward] position ", pos, " at index ", i,
              " is outside [0, max_position_embeddings ", cf.max_position_embeddings, ")");
-    c.positions.data()[i] = pos;
+    all.data()[i] = pos;
   }
+  c.positions.resize(Shape{B * S});
+  copy(all.view(), c.positions.view());
   // Queries
   const Tensor<T, Dev>* qy;
   if (p.has_q_lora()) {
@@ -592,7 +624,7 @@ const Tensor<T, Dev>& forward(const Mla<T, Dev>& p, ConstView<T, Dev> x, ConstVi
     qy = &forward(p.q, x, c.q);
   }
   c.q_rot.resize(Shape{B * S, H, Dq});
-  std::copy(qy->data(), qy->data() + qy->numel(), c.q_rot.data());
+  copy(View<const T, Dev>(qy->data(), c.q_rot.shape()), c.q_rot.view());
   auto q_pe = c.q_rot.view().slice(2, N, Dq);
   forward(p.rope, q_pe, c.positions, q_pe);
   // Keys and values: the latent, its norm, and the shared RoPE head.
@@ -601,10 +633,6 @@ const Tensor<T, Dev>& forward(const Mla<T, Dev>& p, ConstView<T, Dev> x, ConstVi
   c.k_pe.resize(Shape{B * S, R});
   forward(p.rope, kva2.slice(1, C, C + R), c.positions, c.k_pe.view());
   forward(p.kv_b, forward(p.kv_norm, kva.view().slice(2, 0, C), c.kv_norm), c.kv_b);
-  c.qh.resize(Shape{B, H, S, Dq});
-  c.kh.resize(Shape{B, H, S, Dq});
-  c.vh.resize(Shape{B, H, S, V});
-  c.probs.resize(Shape{B, H, S, S});
   c.attn.resize(Shape{B, S, H * V});
   MlaImpl<Dev>::attention_forward(p, c);
   return forward(p.o, c.attn, c.o);
@@ -622,8 +650,6 @@ const Tensor<T, Dev>& backward(const Mla<T, Dev>& p, MlaCache<T, Dev>& c, ConstV
   const int64_t B = c.batch, S = c.seq, H = cf.num_attention_heads, N = cf.qk_nope_head_dim, R = cf.qk_rope_head_dim,
                 V = cf.v_head_dim, C = cf.kv_lora_rank, Dq = N + R;
   backward(p.o, c.o, dy, grads.o);
-  c.dz.resize(Shape{B, H, S, S});
-  c.dkh.resize(Shape{B, H, S, Dq});
   c.dq.resize(Shape{B * S, H, Dq});
   c.dkv.resize(Shape{B, S, H * (N + V)});
   c.dk_pe.resize(Shape{B * S, R});
@@ -633,7 +659,7 @@ const Tensor<T, Dev>& backward(const Mla<T, Dev>& p, MlaCache<T, Dev>& c, ConstV
   const View<T, Dev> dkva2(c.dkva.data(), Shape{B * S, C + R});
   backward(p.rope, c.positions, c.dk_pe, dkva2.slice(1, C, C + R));
   const auto& dckv = backward(p.kv_norm, c.kv_norm, backward(p.kv_b, c.kv_b, c.dkv, grads.kv_b), grads.kv_norm);
-  dkva2.slice(1, 0, C).matrix() = dckv.matrix();
+  MlaImpl<Dev>::copy_rows(View<const T, Dev>(dckv.data(), Shape{B * S, C}), dkva2.slice(1, 0, C));
   c.dx = backward(p.kv_a, c.kv_a, c.dkva, grads.kv_a);
   // Queries
   auto dq_pe = c.dq.view().slice(2, N, Dq);
@@ -641,9 +667,9 @@ const Tensor<T, Dev>& backward(const Mla<T, Dev>& p, MlaCache<T, Dev>& c, ConstV
   const View<const T, Dev> dq(c.dq.data(), Shape{B, S, H * Dq});
   if (p.has_q_lora()) {
     const auto& dqa = backward(p.q_norm, c.q_norm, backward(p.q_b, c.q_b, dq, grads.q_b), grads.q_norm);
-    c.dx.matrix() += backward(p.q_a, c.q_a, dqa, grads.q_a).matrix();
+    MlaImpl<Dev>::add(backward(p.q_a, c.q_a, dqa, grads.q_a).view(), c.dx.view());
   } else {
-    c.dx.matrix() += backward(p.q, c.q, dq, grads.q).matrix();
+    MlaImpl<Dev>::add(backward(p.q, c.q, dq, grads.q).view(), c.dx.view());
   }
   return c.dx;
 }
@@ -673,9 +699,11 @@ const Tensor<T, Dev>& forward_absorbed(const Mla<T, Dev>& p, ConstView<T, Dev> x
     kv.check_append(seqs[b], Tn, needed);
     needed += kv.blocks_needed(seqs[b], Tn);
   }
-  w.positions.resize(Shape{B * Tn});
+  Tensor<int32_t> positions(Shape{B * Tn});
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t j = 0; j < Tn; ++j) w.positions.data()[b * Tn + j] = static_cast<int32_t>(kv.length(seqs[b]) + j);
+    for (int64_t j = 0; j < Tn; ++j) positions.data()[b * Tn + j] = static_cast<int32_t>(kv.length(seqs[b]) + j);
+  w.positions.resize(Shape{B * Tn});
+  copy(positions.view(), w.positions.view());
   // Queries, with q_pe RoPE'd.
   w.q.resize(Shape{B * Tn, H, Dq});
   const View<T, Dev> q2(w.q.data(), Shape{B, Tn, H * Dq});

@@ -86,6 +86,12 @@ struct MlpImpl<Cpu> {
       }
     }, min_items_per_thread(24 * a_m.cols()));
   }
+
+  // dx = dx_gate + dx_up: the two input gradients, da W1 and db W3.
+  template <class T>
+  static void add(const Tensor<T>& dx_gate, const Tensor<T>& dx_up, Tensor<T>& dx) {
+    dx.matrix() = dx_gate.matrix() + dx_up.matrix();
+  }
 };
 
 template <class T, class Dev>
@@ -107,8 +113,10 @@ const Tensor<T, Dev>& backward(const Mlp<T, Dev>& p, MlpCache<T, Dev>& c, ConstV
   c.dgate.resize(c.h.shape());
   c.dup.resize(c.h.shape());
   MlpImpl<Dev>::gate_backward(c);
-  c.dx = backward(p.w1, c.gate, c.dgate, grads.w1);
-  c.dx.matrix() += backward(p.w3, c.up, c.dup, grads.w3).matrix();
+  const Tensor<T, Dev>& dx_gate = backward(p.w1, c.gate, c.dgate, grads.w1);
+  const Tensor<T, Dev>& dx_up = backward(p.w3, c.up, c.dup, grads.w3);
+  c.dx.resize(dx_gate.shape());
+  MlpImpl<Dev>::add(dx_gate, dx_up, c.dx);
   return c.dx;
 }
 

@@ -33,6 +33,10 @@
 //                        nothing to y; the loss is in cache.aux_loss and backward adds its
 //                        gradient.
 //
+// Devices: forward, backward, routing_stats and update_bias check their arguments here and
+// run MoeImpl<Dev>; r1/cuda/moe.cuh specializes MoeImpl and MoeCache for r1::Cuda (the
+// routing on the device, every expert in one grouped GEMM per projection).
+//
 // Legend: N tokens (B*S), D dim, E routed experts, k experts per token, G groups,
 // H moe_intermediate_size.
 #pragma once
@@ -343,6 +347,113 @@ struct MoeImpl<Cpu> {
       }
     }, min_items_per_thread(4 * s.cols()));
   }
+
+  // The layer on the host: one forward (and backward) per expert over its sorted slice.
+  template <class T>
+  static void layer_forward(const Moe<T, Cpu>& p, ConstView<T, Cpu> x, MoeCache<T, Cpu>& c) {
+    const MoeConfig& cfg = p.config;
+    const int64_t tokens = x.numel() / cfg.dim, k = cfg.num_experts_per_tok;
+    const auto& logits = forward(p.gate, x, c.gate);
+    c.scores.resize(logits.shape());
+    score(cfg, logits, c.scores);
+    c.topk_idx.resize(Shape{tokens, k});
+    c.topk_weight.resize(Shape{tokens, k});
+    route(p, c);
+    sort_slots(cfg, c);
+
+    c.routed_x.resize(Shape{tokens * k, cfg.dim});
+    gather(c, c.gate.x, c.routed_x);
+    c.routed_y.resize(Shape{tokens * k, cfg.dim});
+    c.expert_caches.resize(p.experts.size());
+    for (int64_t e = 0; e < cfg.n_routed_experts; ++e) {
+      const int64_t begin = c.expert_offset[e], end = c.expert_offset[e + 1];
+      if (begin == end) continue;
+      const auto& out = forward(p.experts[e], c.routed_x.view().slice(0, begin, end), c.expert_caches[e]);
+      c.routed_y.view().slice(0, begin, end).matrix() = out.matrix();
+    }
+
+    c.y.resize(x.shape());
+    if (p.has_shared()) {
+      c.y.matrix() = forward(p.shared_experts, x, c.shared).matrix();
+    } else {
+      c.y.set_zero();
+    }
+    combine(c, c.y);
+    c.aux_loss = cfg.aux_loss_alpha > 0.0 ? balance_loss(cfg, c, /*with_gradient=*/false) : 0.0;
+  }
+
+  template <class T>
+  static void layer_backward(const Moe<T, Cpu>& p, MoeCache<T, Cpu>& c, ConstView<T, Cpu> dy, Moe<T, Cpu>& grads) {
+    const MoeConfig& cfg = p.config;
+    const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok;
+    const auto dy_m = dy.matrix();
+
+    // Per slot: d routed_y = w * dy[token], and dw = dy[token] . routed_y.
+    c.dweight.resize(Shape{tokens, k});
+    c.d_routed.resize(c.routed_y.shape());
+    {
+      auto dr = c.d_routed.matrix();
+      const auto ry = c.routed_y.matrix();
+      parallel_for(tokens, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t slot = c.slot_of[n * k + j];
+            dr.row(slot) = c.topk_weight.data()[n * k + j] * dy_m.row(n);
+            c.dweight.data()[n * k + j] = dy_m.row(n).dot(ry.row(slot));
+          }
+      }, min_items_per_thread(k * cfg.dim));
+    }
+
+    // Experts: each backward over its slice; d routed_x lands in d_routed's place.
+    for (int64_t e = 0; e < cfg.n_routed_experts; ++e) {
+      const int64_t begin = c.expert_offset[e], end = c.expert_offset[e + 1];
+      if (begin == end) continue;
+      auto slice = c.d_routed.view().slice(0, begin, end);
+      const auto& dxe = backward(p.experts[e], c.expert_caches[e], slice, grads.experts[e]);
+      slice.matrix() = dxe.matrix();
+    }
+
+    // dx = shared backward + per token, in slot order, the routed input gradients + gate path.
+    c.dx.resize(c.y.shape());
+    if (p.has_shared()) {
+      c.dx = backward(p.shared_experts, c.shared, dy, grads.shared_experts);
+    } else {
+      c.dx.set_zero();
+    }
+    {
+      auto dxm = c.dx.matrix();
+      const auto dr = c.d_routed.matrix();
+      parallel_for(tokens, [&](int64_t begin, int64_t end) {
+        for (int64_t n = begin; n < end; ++n)
+          for (int64_t j = 0; j < k; ++j) dxm.row(n) += dr.row(c.slot_of[n * k + j]);
+      }, min_items_per_thread(k * dxm.cols()));
+    }
+
+    c.dscores.resize(c.scores.shape(), /*zero=*/true);
+    weight_backward(cfg, c);
+    if (cfg.aux_loss_alpha > 0.0) balance_loss(cfg, c, /*with_gradient=*/true);
+    c.dlogits.resize(c.scores.shape());
+    score_backward(cfg, c);
+    c.dx.matrix() += backward(p.gate, c.gate, c.dlogits, grads.gate).matrix();
+  }
+
+  template <class T>
+  static std::vector<int64_t> tokens_per_expert(const MoeConfig& cfg, const MoeCache<T, Cpu>& c) {
+    std::vector<int64_t> counts(static_cast<std::size_t>(cfg.n_routed_experts));
+    for (int64_t e = 0; e < cfg.n_routed_experts; ++e) counts[e] = c.expert_offset[e + 1] - c.expert_offset[e];
+    return counts;
+  }
+
+  template <class T>
+  static void update_bias(Moe<T, Cpu>& p, const std::vector<int64_t>& tokens_per_expert, double gamma) {
+    const double total = static_cast<double>(std::accumulate(tokens_per_expert.begin(), tokens_per_expert.end(), int64_t{0}));
+    const double mean = total / static_cast<double>(p.config.n_routed_experts);
+    for (int64_t e = 0; e < p.config.n_routed_experts; ++e) {
+      const double load = static_cast<double>(tokens_per_expert[e]);
+      const double direction = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
+      p.e_score_correction_bias.data()[e] += static_cast<T>(gamma * direction);
+    }
+  }
 };
 
 // y = MoE(x); x is [N, D] or [B, S, D] (B sequences for the sequence-wise balance loss).
@@ -354,35 +465,8 @@ const Tensor<T, Dev>& forward(const Moe<T, Dev>& p, ConstView<T, Dev> x, MoeCach
            ": build it with Moe(config)");
   R1_CHECK((x.rank() == 2 || x.rank() == 3) && x.size(x.rank() - 1) == cfg.dim, "[moe.forward] x has shape ", x.shape(),
            ", expected [N, ", cfg.dim, "] or [B, S, ", cfg.dim, "]");
-  const int64_t tokens = x.numel() / cfg.dim, k = cfg.num_experts_per_tok;
   c.sequences = x.rank() == 3 ? x.size(0) : 1;
-  const auto& logits = forward(p.gate, x, c.gate);
-  c.scores.resize(logits.shape());
-  MoeImpl<Dev>::score(cfg, logits, c.scores);
-  c.topk_idx.resize(Shape{tokens, k});
-  c.topk_weight.resize(Shape{tokens, k});
-  MoeImpl<Dev>::route(p, c);
-  MoeImpl<Dev>::sort_slots(cfg, c);
-
-  c.routed_x.resize(Shape{tokens * k, cfg.dim});
-  MoeImpl<Dev>::gather(c, c.gate.x, c.routed_x);
-  c.routed_y.resize(Shape{tokens * k, cfg.dim});
-  c.expert_caches.resize(p.experts.size());
-  for (int64_t e = 0; e < cfg.n_routed_experts; ++e) {
-    const int64_t begin = c.expert_offset[e], end = c.expert_offset[e + 1];
-    if (begin == end) continue;
-    const auto& out = forward(p.experts[e], c.routed_x.view().slice(0, begin, end), c.expert_caches[e]);
-    c.routed_y.view().slice(0, begin, end).matrix() = out.matrix();
-  }
-
-  c.y.resize(x.shape());
-  if (p.has_shared()) {
-    c.y.matrix() = forward(p.shared_experts, x, c.shared).matrix();
-  } else {
-    c.y.set_zero();
-  }
-  MoeImpl<Dev>::combine(c, c.y);
-  c.aux_loss = cfg.aux_loss_alpha > 0.0 ? MoeImpl<Dev>::balance_loss(cfg, c, /*with_gradient=*/false) : 0.0;
+  MoeImpl<Dev>::layer_forward(p, x, c);
   return c.y;
 }
 
@@ -390,61 +474,11 @@ const Tensor<T, Dev>& forward(const Moe<T, Dev>& p, ConstView<T, Dev> x, MoeCach
 // adds the balance loss's gradient when aux_loss_alpha > 0.
 template <class T, class Dev>
 const Tensor<T, Dev>& backward(const Moe<T, Dev>& p, MoeCache<T, Dev>& c, ConstView<T, Dev> dy, Moe<T, Dev>& grads) {
-  const MoeConfig& cfg = p.config;
   R1_CHECK(c.y.data() != nullptr, "[moe.backward] the cache holds no forward pass: call forward first");
   R1_CHECK(dy.shape() == c.y.shape(), "[moe.backward] dy has shape ", dy.shape(), ", expected ", c.y.shape());
   R1_CHECK(grads.experts.size() == p.experts.size() && grads.has_shared() == p.has_shared(),
            "[moe.backward] grads do not match the layer: build them with r1::zeros_like(params)");
-  const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok;
-  const auto dy_m = dy.matrix();
-
-  // Per slot: d routed_y = w * dy[token], and dw = dy[token] . routed_y.
-  c.dweight.resize(Shape{tokens, k});
-  c.d_routed.resize(c.routed_y.shape());
-  {
-    auto dr = c.d_routed.matrix();
-    const auto ry = c.routed_y.matrix();
-    parallel_for(tokens, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t slot = c.slot_of[n * k + j];
-          dr.row(slot) = c.topk_weight.data()[n * k + j] * dy_m.row(n);
-          c.dweight.data()[n * k + j] = dy_m.row(n).dot(ry.row(slot));
-        }
-    }, min_items_per_thread(k * cfg.dim));
-  }
-
-  // Experts: each backward over its slice; d routed_x lands in d_routed's place.
-  for (int64_t e = 0; e < cfg.n_routed_experts; ++e) {
-    const int64_t begin = c.expert_offset[e], end = c.expert_offset[e + 1];
-    if (begin == end) continue;
-    auto slice = c.d_routed.view().slice(0, begin, end);
-    const auto& dxe = backward(p.experts[e], c.expert_caches[e], slice, grads.experts[e]);
-    slice.matrix() = dxe.matrix();
-  }
-
-  // dx = shared backward + per token, in slot order, the routed input gradients + gate path.
-  c.dx.resize(c.y.shape());
-  if (p.has_shared()) {
-    c.dx = backward(p.shared_experts, c.shared, dy, grads.shared_experts);
-  } else {
-    c.dx.set_zero();
-  }
-  {
-    auto dxm = c.dx.matrix();
-    const auto dr = c.d_routed.matrix();
-    parallel_for(tokens, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n)
-        for (int64_t j = 0; j < k; ++j) dxm.row(n) += dr.row(c.slot_of[n * k + j]);
-    }, min_items_per_thread(k * dxm.cols()));
-  }
-
-  c.dscores.resize(c.scores.shape(), /*zero=*/true);
-  MoeImpl<Dev>::weight_backward(cfg, c);
-  if (cfg.aux_loss_alpha > 0.0) MoeImpl<Dev>::balance_loss(cfg, c, /*with_gradient=*/true);
-  c.dlogits.resize(c.scores.shape());
-  MoeImpl<Dev>::score_backward(cfg, c);
-  c.dx.matrix() += backward(p.gate, c.gate, c.dlogits, grads.gate).matrix();
+  MoeImpl<Dev>::layer_backward(p, c, dy, grads);
   return c.dx;
 }
 
@@ -452,18 +486,19 @@ const Tensor<T, Dev>& backward(const Moe<T, Dev>& p, MoeCache<T, Dev>& c, ConstV
 template <class T, class Dev>
 MoeStats routing_stats(const Moe<T, Dev>& p, const MoeCache<T, Dev>& c) {
   const MoeConfig& cfg = p.config;
-  R1_CHECK(!c.expert_offset.empty(), "[moe.routing_stats] the cache holds no forward pass");
+  R1_CHECK(c.topk_idx.data() != nullptr, "[moe.routing_stats] the cache holds no forward pass");
   MoeStats stats;
-  stats.tokens_per_expert.resize(static_cast<std::size_t>(cfg.n_routed_experts));
-  for (int64_t e = 0; e < cfg.n_routed_experts; ++e) stats.tokens_per_expert[e] = c.expert_offset[e + 1] - c.expert_offset[e];
+  stats.tokens_per_expert = MoeImpl<Dev>::tokens_per_expert(cfg, c);
   const double mean = static_cast<double>(c.topk_idx.numel()) / static_cast<double>(cfg.n_routed_experts);
   const int64_t max_load = *std::max_element(stats.tokens_per_expert.begin(), stats.tokens_per_expert.end());
   stats.max_over_mean_load = mean > 0.0 ? static_cast<double>(max_load) / mean : 0.0;
-  const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok, group_size = cfg.n_routed_experts / cfg.n_group;
+  Tensor<int32_t> topk_idx(c.topk_idx.shape());  // on the host, whatever Dev is
+  copy(c.topk_idx.view(), topk_idx.view());
+  const int64_t tokens = topk_idx.size(0), k = cfg.num_experts_per_tok, group_size = cfg.n_routed_experts / cfg.n_group;
   stats.group_fraction.assign(static_cast<std::size_t>(cfg.n_group), 0.0);
   for (int64_t n = 0; n < tokens; ++n) {
     std::vector<bool> hit(static_cast<std::size_t>(cfg.n_group), false);
-    for (int64_t j = 0; j < k; ++j) hit[c.topk_idx.data()[n * k + j] / group_size] = true;
+    for (int64_t j = 0; j < k; ++j) hit[topk_idx.data()[n * k + j] / group_size] = true;
     for (int64_t g = 0; g < cfg.n_group; ++g) stats.group_fraction[g] += hit[g] ? 1.0 / static_cast<double>(tokens) : 0.0;
   }
   return stats;
@@ -479,13 +514,7 @@ void update_bias(Moe<T, Dev>& p, const std::vector<int64_t>& tokens_per_expert, 
            "topk_method noaux_tc");
   R1_CHECK(static_cast<int64_t>(tokens_per_expert.size()) == p.config.n_routed_experts, "[moe.update_bias] ",
            tokens_per_expert.size(), " expert counts for ", p.config.n_routed_experts, " experts");
-  const double total = static_cast<double>(std::accumulate(tokens_per_expert.begin(), tokens_per_expert.end(), int64_t{0}));
-  const double mean = total / static_cast<double>(p.config.n_routed_experts);
-  for (int64_t e = 0; e < p.config.n_routed_experts; ++e) {
-    const double load = static_cast<double>(tokens_per_expert[e]);
-    const double direction = load < mean ? 1.0 : (load > mean ? -1.0 : 0.0);
-    p.e_score_correction_bias.data()[e] += static_cast<T>(gamma * direction);
-  }
+  MoeImpl<Dev>::update_bias(p, tokens_per_expert, gamma);
 }
 
 template <class T, class Dev>

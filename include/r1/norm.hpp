@@ -16,6 +16,10 @@
 #include "parallel.hpp"
 #include "tensor.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
 namespace r1 {
 
 // ---------------------------------------------------------------------------------------
@@ -29,7 +33,13 @@ struct RMSNorm {
   explicit RMSNorm(int64_t dim, double eps_ = 1e-6) : weight(Shape{dim}), eps(eps_) {
     R1_CHECK(dim > 0, "[rmsnorm] dim is ", dim, ", expected > 0");
     R1_CHECK(eps_ > 0.0, "[rmsnorm] eps is ", eps_, ", expected > 0");
-    weight.vector().setOnes();
+    if constexpr (std::is_same_v<Dev, Cpu>) {
+      weight.vector().setOnes();
+    } else {  // filled on the host, then copied over (r1/cuda/tensor.cuh has that copy)
+      Tensor<T> ones(Shape{dim});
+      std::fill_n(ones.data(), dim, convert_scalar<T>(1.0));
+      copy(ones.view(), weight.view());
+    }
   }
 
   int64_t dim() const { return weight.numel(); }
@@ -93,7 +103,7 @@ const Tensor<T, Dev>& forward(const RMSNorm<T, Dev>& p, ConstView<T, Dev> x, RMS
   R1_CHECK(x.rank() >= 1 && x.size(x.rank() - 1) == p.dim(), "[rmsnorm.forward] x has shape ", x.shape(),
            ", expected last dim ", p.dim());
   c.x.resize(x.shape());
-  c.x.matrix() = x.matrix();
+  copy(x, c.x.view());
   c.y.resize(x.shape());
   c.rstd.resize(Shape{x.numel() / std::max<int64_t>(p.dim(), 1)});
   RMSNormImpl<Dev>::forward(p, c);

@@ -5,6 +5,7 @@
 #include "config.hpp"
 #include "device.hpp"
 #include "embedding.hpp"
+#include "fp8.hpp"
 #include "generate.hpp"
 #include "grpo.hpp"
 #include "grpo_trainer.hpp"

@@ -23,6 +23,7 @@
 #pragma once
 
 #include "config.hpp"
+#include "fp8.hpp"
 #include "io.hpp"
 #include "numeric.hpp"
 #include "tensor.hpp"
@@ -86,16 +87,8 @@ inline std::string_view dtype_name(Dtype dtype) { return detail::dtype_info(dtyp
 inline std::size_t dtype_size(Dtype dtype) { return detail::dtype_info(dtype).size; }
 inline bool is_float_dtype(Dtype dtype) { return dtype <= Dtype::F8_E5M2; }
 
-// DeepSeek-V3's FP8 weights: 128x128 blocks, each with one scale.
-inline constexpr int64_t kFp8BlockSize = 128;
-
 // The companion that holds the block scales of an FP8 weight: "x.weight" -> "x.weight_scale_inv".
 inline std::string scale_inv_name(std::string_view weight) { return std::string(weight) + "_scale_inv"; }
-
-// [ceil(rows/128), ceil(cols/128)]: the shape of the scales of a [rows, cols] FP8 weight.
-inline Shape fp8_scale_shape(const Shape& weight) {
-  return Shape{(weight[0] + kFp8BlockSize - 1) / kFp8BlockSize, (weight[1] + kFp8BlockSize - 1) / kFp8BlockSize};
-}
 
 struct TensorInfo {
   std::string name;
@@ -522,27 +515,17 @@ class SafetensorsWriter {
              ", block scaling needs a 2-D weight");
     check_new(name, "safetensors.add_fp8_block_scaled");
     check_new(scale_inv_name(name), "safetensors.add_fp8_block_scaled");
-    const int64_t rows = weight.size(0), cols = weight.size(1);
+    const int64_t cols = weight.size(1);
+    const Tensor<float> contiguous = to_tensor(weight);
+    for (int64_t i = 0; i < contiguous.numel(); ++i)
+      R1_CHECK(std::isfinite(contiguous.data()[i]), "[safetensors.add_fp8_block_scaled] tensor '", name, "' has ",
+               contiguous.data()[i], " at (", i / cols, ", ", i % cols, ")");
+    Tensor<fp8_e4m3> quantized(weight.shape());
     Tensor<float> scale_inv(fp8_scale_shape(weight.shape()));
-    std::vector<std::byte> codes(static_cast<std::size_t>(rows * cols));
-    for (int64_t bi = 0; bi < scale_inv.size(0); ++bi) {
-      for (int64_t bj = 0; bj < scale_inv.size(1); ++bj) {
-        const int64_t row_begin = bi * kFp8BlockSize, row_end = std::min(rows, row_begin + kFp8BlockSize);
-        const int64_t col_begin = bj * kFp8BlockSize, col_end = std::min(cols, col_begin + kFp8BlockSize);
-        float amax = 1e-4f;
-        for (int64_t r = row_begin; r < row_end; ++r) {
-          for (int64_t c = col_begin; c < col_end; ++c) {
-            R1_CHECK(std::isfinite(weight(r, c)), "[safetensors.add_fp8_block_scaled] tensor '", name, "' has ",
-                     weight(r, c), " at (", r, ", ", c, ")");
-            amax = std::max(amax, std::abs(weight(r, c)));
-          }
-        }
-        const float to_codes = 448.0f / amax;
-        scale_inv(bi, bj) = amax / 448.0f;
-        for (int64_t r = row_begin; r < row_end; ++r)
-          for (int64_t c = col_begin; c < col_end; ++c) codes[r * cols + c] = std::byte{fp8_e4m3::from_float(weight(r, c) * to_codes).bits};
-      }
-    }
+    quantize_fp8_blocks(contiguous, quantized.view(), scale_inv.view());
+    static_assert(sizeof(fp8_e4m3) == 1 && std::is_trivially_copyable_v<fp8_e4m3>, "codes are copied as bytes");
+    std::vector<std::byte> codes(quantized.bytes());
+    if (!codes.empty()) std::memcpy(codes.data(), quantized.data(), codes.size());
     entries_.emplace(name, Entry{Dtype::F8_E4M3, weight.shape(), std::move(codes)});
     add(scale_inv_name(name), scale_inv);
   }
