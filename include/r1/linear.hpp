@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 namespace r1 {
 
@@ -30,7 +31,10 @@ namespace r1 {
 // - float, AVX-512, operands with direct access (the usual case): r1's own SGEMM
 //   (simd::sgemm_block in simd.hpp). C is split into bands of rows (or of 64-column panels
 //   when C is wide) across r1's threads. Each element is one running sum over k in order,
-//   computed by one thread, so results are bit-identical for any thread count.
+//   computed by one thread, so results are bit-identical for any thread count. Two shapes
+//   go elsewhere: C = A W^T with at most 16 rows (a few tokens through a layer) runs on
+//   simd.hpp's lane product, reading W unpacked; and a single row stays with Eigen's
+//   matrix-vector kernel, which streams W at memory speed.
 // - anything else (double, other targets, expressions without direct access): Eigen's
 //   product, in bands the same way. Single-threaded, Eigen blocks the inner dimension by
 //   its length alone, and its micro-kernels sum each element in an order fixed by the
@@ -57,12 +61,37 @@ simd::StridedMatrix strided(const E& e) {
   return {e.data(), e.rows(), e.cols(), E::IsRowMajor ? outer : inner, E::IsRowMajor ? inner : outer};
 }
 
+// C = A W^T with A [M <= 16, K] and W [N, K] both row-major: a few tokens through a layer
+// (batched decode). A's rows go into register lanes and W is read straight from memory,
+// row by row, with no packing: the SGEMM would transpose all of W for a handful of rows.
+// Threads take bands of W's rows.
+inline void few_rows_times_transposed(const simd::StridedMatrix& a, const simd::StridedMatrix& w_t, float* c,
+                                      int64_t ldc) {
+  const int64_t M = a.rows, N = w_t.cols, K = a.cols, lda = a.row_stride, ldw = w_t.col_stride;
+  constexpr int64_t kBand = 256, L = simd::kLanes;
+  parallel_for((N + kBand - 1) / kBand, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> panel;
+    panel.resize(static_cast<std::size_t>(K * L));
+    simd::pack_lanes(a.data, M, K, lda, panel.data());
+    alignas(64) float st[kBand * L];
+    for (int64_t band = begin; band < end; ++band) {
+      const int64_t n0 = band * kBand, n = std::min(kBand, N - n0);
+      simd::lanes_abt(panel.data(), w_t.data + n0 * ldw, n, K, ldw, st);
+      simd::detail::transpose(st, L, n, M, c + n0, ldc);
+    }
+  }, min_items_per_thread(kBand * K));
+}
+
 // The SGEMM path of r1::gemm.
 template <class A, class B, class C>
 void sgemm(const A& a, const B& b, C& c, bool accumulate) {
   const simd::StridedMatrix sa = strided(a), sb = strided(b);
   float* const out = c.data();
   const int64_t M = c.rows(), N = c.cols(), ldc = c.outerStride();
+  if (M <= simd::kLanes && !accumulate && sa.col_stride == 1 && sb.row_stride == 1) {
+    few_rows_times_transposed(sa, sb, out, ldc);
+    return;
+  }
   const bool split_rows = M >= N;
   const int64_t band = split_rows ? simd::detail::kMr : simd::detail::kNr;
   const int64_t length = split_rows ? M : N;
@@ -106,7 +135,7 @@ void gemm(const A& a, const B& b, C&& c, bool accumulate = false) {
 #if R1_SIMD_SGEMM
   if constexpr (detail::is_direct_float<A> && detail::is_direct_float<B> &&
                 detail::is_direct_float<Dest> && (static_cast<unsigned>(Dest::Flags) & Eigen::LvalueBit) != 0) {
-    if (c.innerStride() == 1 && c.rows() > 0 && c.cols() > 0) {
+    if (c.innerStride() == 1 && c.rows() > 1 && c.cols() > 0) {  // one row: Eigen's matrix-vector kernel
       detail::sgemm(a, b, c, accumulate);
       return;
     }

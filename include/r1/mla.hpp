@@ -45,6 +45,7 @@
 #include "norm.hpp"
 #include "parallel.hpp"
 #include "rope.hpp"
+#include "simd.hpp"
 #include "tensor.hpp"
 
 #include <algorithm>
@@ -319,7 +320,9 @@ template <class T, class Dev = Cpu>
 struct MlaDecodeCache {
   static constexpr int64_t kChunkBlocks = 4;
   Tensor<T, Dev> qa, q, kva, kpe, qcat, attn, y;
-  Tensor<T, Dev> scores;           // Cpu: [chunks, H*T, kChunkBlocks * block_size]
+  Tensor<T, Dev> scores;           // Cpu: [chunks, H*T, kChunkBlocks * block_size]; float decode: [chunks, panels,
+                                   //   kChunkBlocks * block_size + C, 16], scores then output, transposed
+  Tensor<T, Dev> qpanels;          // Cpu, float decode: [B, panels, C+R, 16], qcat rows in register lanes
   Tensor<T, Dev> acc;              // Cpu: [chunks, H*T, C]; Cuda: [B, splits, H*T, C], each split's normalized output
   Tensor<T, Dev> run_max, run_sum; // Cpu: [chunks, H*T]
   Tensor<float, Dev> split_lse;    // Cuda: [B, splits, H*T], each split's log-sum-exp
@@ -459,41 +462,20 @@ struct MlaImpl<Cpu> {
     }, min_items_per_thread(H * R));
   }
 
-  // Absorbed attention of forward_absorbed, for the B sequences seqs after their T new
-  // tokens were appended: q (RoPE'd) -> attn [B, T, H*V].
+  // Decode steps (at most kMaxLaneRows query rows, H*T) run on r1/simd.hpp's lane products:
+  // the rows sit in the 16 lanes of a register and every cached element is read once per
+  // panel of 16 rows, straight from the pool, with no packing. Larger prefills use GEMMs.
+  static constexpr int64_t kMaxLaneRows = 4 * simd::kLanes;
+
+  // Split-K attention over every chunk with GEMMs: scores, one softmax pass, P x latent.
   template <class T>
-  static void absorbed_attention(const Mla<T, Cpu>& p, const MlaKvCache<T, Cpu>& kv, const std::vector<int64_t>& seqs,
-                                 int64_t Tn, MlaDecodeCache<T, Cpu>& w) {
+  static void chunks_by_gemm(const Mla<T, Cpu>& p, const MlaKvCache<T, Cpu>& kv, const std::vector<int64_t>& seqs,
+                             int64_t Tn, MlaDecodeCache<T, Cpu>& w) {
     const auto& cf = p.config;
-    const int64_t B = static_cast<int64_t>(seqs.size()), H = cf.num_attention_heads, N = cf.qk_nope_head_dim,
-                  R = cf.qk_rope_head_dim, V = cf.v_head_dim, C = cf.kv_lora_rank, Dq = N + R, Dkv = N + V, row = C + R,
-                  rows = H * Tn, bs = kv.block_size(), K = MlaDecodeCache<T, Cpu>::kChunkBlocks;
+    const int64_t H = cf.num_attention_heads, R = cf.qk_rope_head_dim, C = cf.kv_lora_rank, row = C + R, rows = H * Tn,
+                  bs = kv.block_size(), K = MlaDecodeCache<T, Cpu>::kChunkBlocks, total = w.chunk_first.back();
     const T scale = static_cast<T>(p.softmax_scale());
-    const T* wkv = p.kv_b.weight.data();
-    // qcat[b, h*T + j] = [q_nope[b,j,h] W_UK[h] | q_pe[b,j,h]]
-    w.qcat.resize(Shape{B, rows, row});
-    parallel_for(B * H, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        const T* q = w.q.data() + b * Tn * H * Dq + h * Dq;
-        auto qcat = mat(w.qcat.data() + (b * rows + h * Tn) * row, Tn, row, row);
-        gemm(mat(q, Tn, N, H * Dq), mat(wkv + h * Dkv * C, N, C, C), qcat.leftCols(C));
-        qcat.rightCols(R) = mat(q + N, Tn, R, H * Dq);
-      }
-    }, min_items_per_thread(Tn * N * C));
-    // Chunks: sequence b owns chunks [chunk_first[b], chunk_first[b+1]).
-    w.chunk_seq.clear();
-    w.chunk_first.assign(1, 0);
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t chunks = (kv.num_blocks_of(seqs[b]) + K - 1) / K;
-      for (int64_t c = 0; c < chunks; ++c) w.chunk_seq.push_back(b);
-      w.chunk_first.push_back(w.chunk_first.back() + chunks);
-    }
-    const int64_t total = w.chunk_first.back();
     w.scores.resize(Shape{total, rows, K * bs});
-    w.acc.resize(Shape{total, rows, C});
-    w.run_max.resize(Shape{total, rows});
-    w.run_sum.resize(Shape{total, rows});
     const T lowest = -std::numeric_limits<T>::infinity();
     parallel_for(total, [&](int64_t begin, int64_t end) {
       for (int64_t ci = begin; ci < end; ++ci) {
@@ -536,6 +518,114 @@ struct MlaImpl<Cpu> {
         }
       }
     }, min_items_per_thread(2 * rows * K * bs * (C + row)));
+  }
+
+  // The same split-K attention with the query rows in register lanes, in panels of 16:
+  // St = blocks x panel^T, a softmax down each lane, then Ot = blocks^T x St over the
+  // chunk; Ot is transposed into acc, so the combine step reads the same layout.
+  static void chunks_in_lanes(const Mla<float, Cpu>& p, const MlaKvCache<float, Cpu>& kv,
+                              const std::vector<int64_t>& seqs, int64_t Tn, MlaDecodeCache<float, Cpu>& w) {
+    using Lanes = Eigen::Array<float, Eigen::Dynamic, simd::kLanes, Eigen::RowMajor>;
+    using LaneRow = Eigen::Array<float, 1, simd::kLanes>;
+    const auto& cf = p.config;
+    const int64_t B = static_cast<int64_t>(seqs.size()), H = cf.num_attention_heads, R = cf.qk_rope_head_dim,
+                  C = cf.kv_lora_rank, row = C + R, rows = H * Tn, bs = kv.block_size(),
+                  K = MlaDecodeCache<float, Cpu>::kChunkBlocks, total = w.chunk_first.back(), L = simd::kLanes,
+                  panels = (rows + L - 1) / L, span = K * bs + C;
+    const float scale = static_cast<float>(p.softmax_scale()), lowest = -std::numeric_limits<float>::infinity();
+    w.qpanels.resize(Shape{B, panels, row, L});
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t pi = 0; pi < panels; ++pi)
+        simd::pack_lanes(w.qcat.data() + (b * rows + pi * L) * row, std::min(L, rows - pi * L), row, row,
+                         w.qpanels.data() + (b * panels + pi) * row * L);
+    w.scores.resize(Shape{total, panels, span, L});
+    parallel_for(total, [&](int64_t begin, int64_t end) {
+      for (int64_t ci = begin; ci < end; ++ci) {
+        const int64_t b = w.chunk_seq[static_cast<std::size_t>(ci)], seq = seqs[static_cast<std::size_t>(b)];
+        const int64_t L0 = kv.length(seq) - Tn, first = (ci - w.chunk_first[static_cast<std::size_t>(b)]) * K;
+        const int64_t last = std::min(first + K, kv.num_blocks_of(seq)), t0 = first * bs;
+        for (int64_t pi = 0; pi < panels; ++pi) {
+          float* st = w.scores.data() + (ci * panels + pi) * span * L;
+          float* ot = st + K * bs * L;
+          int64_t width = 0;
+          for (int64_t i = first; i < last; ++i) {
+            const auto blk = kv.block(seq, i);
+            simd::lanes_abt(w.qpanels.data() + (b * panels + pi) * row * L, blk.data(), blk.size(0), row, row,
+                            st + width * L);
+            width += blk.size(0);
+          }
+          // Lane l is query row pi*16 + l = (h, j), which sees tokens t < L0 + j + 1.
+          Eigen::Map<Lanes> s(st, width, L);
+          LaneRow max_score;
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t r = pi * L + l;
+            const int64_t valid = r < rows ? std::clamp<int64_t>(L0 + r % Tn + 1 - t0, 0, width) : 0;
+            s.col(l).segment(valid, width - valid).setConstant(lowest);
+            max_score(l) = valid > 0 ? s.col(l).head(valid).maxCoeff() * scale : 0.0f;
+          }
+          s = (s * scale).rowwise() - max_score;
+          s = s.exp();  // masked tokens: exp(-inf) = 0
+          const LaneRow sums = s.colwise().sum();
+          for (int64_t i = first, off = 0; i < last; ++i) {
+            const auto blk = kv.block(seq, i);
+            simd::lanes_atb(st + off * L, blk.data(), blk.size(0), C, row, ot, /*accumulate=*/i > first);
+            off += blk.size(0);
+          }
+          const Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, simd::kLanes, Eigen::RowMajor>> o(ot, C, L);
+          for (int64_t l = 0; l < L && pi * L + l < rows; ++l) {
+            const int64_t r = pi * L + l;
+            w.run_max.data()[ci * rows + r] = sums(l) > 0.0f ? max_score(l) : lowest;
+            w.run_sum.data()[ci * rows + r] = sums(l);
+            mat(w.acc.data() + (ci * rows + r) * C, 1, C, C) = o.col(l).transpose();
+          }
+        }
+      }
+    }, min_items_per_thread(2 * rows * K * bs * (C + row)));
+  }
+
+  // Absorbed attention of forward_absorbed, for the B sequences seqs after their T new
+  // tokens were appended: q (RoPE'd) -> attn [B, T, H*V].
+  template <class T>
+  static void absorbed_attention(const Mla<T, Cpu>& p, const MlaKvCache<T, Cpu>& kv, const std::vector<int64_t>& seqs,
+                                 int64_t Tn, MlaDecodeCache<T, Cpu>& w) {
+    const auto& cf = p.config;
+    const int64_t B = static_cast<int64_t>(seqs.size()), H = cf.num_attention_heads, N = cf.qk_nope_head_dim,
+                  R = cf.qk_rope_head_dim, V = cf.v_head_dim, C = cf.kv_lora_rank, Dq = N + R, Dkv = N + V, row = C + R,
+                  rows = H * Tn, K = MlaDecodeCache<T, Cpu>::kChunkBlocks;
+    const T lowest = -std::numeric_limits<T>::infinity();
+    const T* wkv = p.kv_b.weight.data();
+    // qcat[b, h*T + j] = [q_nope[b,j,h] W_UK[h] | q_pe[b,j,h]]
+    w.qcat.resize(Shape{B, rows, row});
+    parallel_for(B * H, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const T* q = w.q.data() + b * Tn * H * Dq + h * Dq;
+        auto qcat = mat(w.qcat.data() + (b * rows + h * Tn) * row, Tn, row, row);
+        gemm(mat(q, Tn, N, H * Dq), mat(wkv + h * Dkv * C, N, C, C), qcat.leftCols(C));
+        qcat.rightCols(R) = mat(q + N, Tn, R, H * Dq);
+      }
+    }, min_items_per_thread(Tn * N * C));
+    // Chunks: sequence b owns chunks [chunk_first[b], chunk_first[b+1]).
+    w.chunk_seq.clear();
+    w.chunk_first.assign(1, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t chunks = (kv.num_blocks_of(seqs[b]) + K - 1) / K;
+      for (int64_t c = 0; c < chunks; ++c) w.chunk_seq.push_back(b);
+      w.chunk_first.push_back(w.chunk_first.back() + chunks);
+    }
+    const int64_t total = w.chunk_first.back();
+    w.acc.resize(Shape{total, rows, C});
+    w.run_max.resize(Shape{total, rows});
+    w.run_sum.resize(Shape{total, rows});
+    if constexpr (std::is_same_v<T, float>) {
+      if (rows <= kMaxLaneRows) {
+        chunks_in_lanes(p, kv, seqs, Tn, w);
+      } else {
+        chunks_by_gemm(p, kv, seqs, Tn, w);
+      }
+    } else {
+      chunks_by_gemm(p, kv, seqs, Tn, w);
+    }
     // Combine each sequence's chunks in order, then O[b, j, h] = o_lat W_UV[h]^T.
     w.olat.resize(Shape{B, rows, C});
     parallel_for(B * rows, [&](int64_t begin, int64_t end) {

@@ -133,7 +133,7 @@ inline int64_t with_tail_width(int64_t remaining, F&& f) {
 
 // St[t * 16 + l] = sum_k b[t * ldb + k] * panel[k * 16 + l], t < n.
 inline void lanes_abt(const float* panel, const float* b, int64_t n, int64_t K, int64_t ldb, float* st) {
-  constexpr int kTile = 12;  // 12 accumulators + the panel row: the FMA latency hides behind them
+  constexpr int kTile = 8;  // eight B rows: eight row pointers stay in registers (twelve or more spill)
   int64_t t = 0;
   for (; t + kTile <= n; t += kTile) detail::abt_tile<kTile>(panel, b + t * ldb, K, ldb, st + t * kLanes);
   while (t < n) {
