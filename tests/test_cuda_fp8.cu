@@ -14,6 +14,7 @@
 // every accumulator holds exactly: there the device must match the CPU bit for bit.
 #include <r1/cuda/fp8.cuh>
 
+#include "cuda_support.hpp"
 #include "support.hpp"
 
 #include <cmath>
@@ -25,22 +26,10 @@ using r1::Cuda;
 using r1::fp8_e4m3;
 using r1::Shape;
 using r1::Tensor;
+using r1test::to_device;
+using r1test::to_host;
 
 namespace {
-
-template <class T>
-Tensor<T, Cuda> to_device(const Tensor<T>& host) {
-  Tensor<T, Cuda> device(host.shape());
-  r1::copy(host.view(), device.view());
-  return device;
-}
-
-template <class T>
-Tensor<T> to_host(const Tensor<T, Cuda>& device) {
-  Tensor<T> host(device.shape());
-  r1::copy(device.view(), host.view());
-  return host;
-}
 
 Tensor<float> random_matrix(int64_t rows, int64_t cols, uint64_t seed, double std = 1.0) {
   Tensor<float> x(Shape{rows, cols});

@@ -7,6 +7,7 @@
 // updates, routing statistics, determinism and the errors the CUDA path reports.
 #include <r1/cuda/moe.cuh>
 
+#include "cuda_support.hpp"
 #include "support.hpp"
 
 #include <algorithm>
@@ -21,23 +22,11 @@ using r1::MoeCache;
 using r1::MoeConfig;
 using r1::Shape;
 using r1::Tensor;
+using r1test::to_host;
 
 namespace {
 
-template <class T>
-Tensor<T> to_host(const Tensor<T, Cuda>& device) {
-  Tensor<T> host(device.shape());
-  r1::copy(device.view(), host.view());
-  return host;
-}
-
-template <class T>
-Tensor<T, Cuda> to_device(const Tensor<T>& host) {
-  Tensor<T, Cuda> device;
-  device.resize(host.shape());
-  r1::copy(host.view(), device.view());
-  return device;
-}
+using r1test::to_device;  // beside the Moe overload below
 
 Tensor<float> to_float(const Tensor<bf16>& t) {
   Tensor<float> out(t.shape());

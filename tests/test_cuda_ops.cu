@@ -5,6 +5,7 @@
 #include <r1/cuda/loss.cuh>
 #include <r1/cuda/rope.cuh>
 
+#include "cuda_support.hpp"
 #include "support.hpp"
 
 #include <cmath>
@@ -15,22 +16,10 @@ using r1::Cpu;
 using r1::Cuda;
 using r1::Shape;
 using r1::Tensor;
+using r1test::to_device;
+using r1test::to_host;
 
 namespace {
-
-template <class T>
-Tensor<T, Cuda> to_device(const Tensor<T>& host) {
-  Tensor<T, Cuda> device(host.shape());
-  r1::copy(host.view(), device.view());
-  return device;
-}
-
-template <class T>
-Tensor<T> to_host(const Tensor<T, Cuda>& device) {
-  Tensor<T> host(device.shape());
-  r1::copy(device.view(), host.view());
-  return host;
-}
 
 template <class T>
 Tensor<T> random(Shape shape, uint64_t seed, double std = 1.0, double mean = 0.0) {

@@ -139,17 +139,19 @@ TEST_CASE("float gemm (r1's SGEMM on AVX-512) matches float64 for transposes, st
           for (int64_t q = 0; q < k; ++q) sum += a_at(i, q) * b_at(q, j);
           expected[static_cast<std::size_t>(i * n + j)] = sum;
         }
+      const auto am = a_m.matrix();
+      const auto bm = b_m.matrix();
+      const auto product = [&](auto&& out, bool accumulate) {
+        if (ta && tb) r1::gemm(am.transpose(), bm.transpose(), out, accumulate);
+        if (ta && !tb) r1::gemm(am.transpose(), bm, out, accumulate);
+        if (!ta && tb) r1::gemm(am, bm.transpose(), out, accumulate);
+        if (!ta && !tb) r1::gemm(am, bm, out, accumulate);
+      };
       Tensor<float> first;
       for (int threads : {1, 2, 3}) {
         r1::set_num_threads(threads);
         Tensor<float> out = c;
-        auto block = out.matrix().middleCols(2, n);
-        const auto am = a_m.matrix();
-        const auto bm = b_m.matrix();
-        if (ta && tb) r1::gemm(am.transpose(), bm.transpose(), block, /*accumulate=*/true);
-        if (ta && !tb) r1::gemm(am.transpose(), bm, block, /*accumulate=*/true);
-        if (!ta && tb) r1::gemm(am, bm.transpose(), block, /*accumulate=*/true);
-        if (!ta && !tb) r1::gemm(am, bm, block, /*accumulate=*/true);
+        product(out.matrix().middleCols(2, n), /*accumulate=*/true);
         double worst = 0.0;
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t j = 0; j < n; ++j) worst = std::max(worst, std::abs(out(i, j + 2) - expected[static_cast<std::size_t>(i * n + j)]));
@@ -167,17 +169,17 @@ TEST_CASE("float gemm (r1's SGEMM on AVX-512) matches float64 for transposes, st
 #endif
         }
       }
-      // Without accumulate the old contents of the block do not matter.
-      Tensor<float> assigned(Shape{m, n}), accumulated(Shape{m, n});
+      // Without accumulate the old contents of the block do not matter (few-row products
+      // take the lane kernel there, whose sums are ordered differently: close, not equal).
+      Tensor<float> assigned(Shape{m, n}), reassigned(Shape{m, n}), accumulated(Shape{m, n});
       r1::fill_normal(assigned.view(), rng);
+      r1::fill_normal(reassigned.view(), rng, 5.0);
       accumulated.set_zero();
-      const auto am = a_m.matrix();
-      const auto bm = b_m.matrix();
-      if (ta && tb) r1::gemm(am.transpose(), bm.transpose(), assigned.matrix()), r1::gemm(am.transpose(), bm.transpose(), accumulated.matrix(), true);
-      if (ta && !tb) r1::gemm(am.transpose(), bm, assigned.matrix()), r1::gemm(am.transpose(), bm, accumulated.matrix(), true);
-      if (!ta && tb) r1::gemm(am, bm.transpose(), assigned.matrix()), r1::gemm(am, bm.transpose(), accumulated.matrix(), true);
-      if (!ta && !tb) r1::gemm(am, bm, assigned.matrix()), r1::gemm(am, bm, accumulated.matrix(), true);
-      REQUIRE(max_abs_diff(assigned, accumulated) == 0.0);
+      product(assigned.matrix(), false);
+      product(reassigned.matrix(), false);
+      product(accumulated.matrix(), true);
+      REQUIRE(max_abs_diff(assigned, reassigned) == 0.0);
+      REQUIRE(max_abs_diff(assigned, accumulated) < 1e-5 * (1.0 + std::sqrt(double(k)) * 4.0));
     }
   }
   r1::set_num_threads(2);

@@ -33,8 +33,9 @@ namespace r1 {
 //   when C is wide) across r1's threads. Each element is one running sum over k in order,
 //   computed by one thread, so results are bit-identical for any thread count. Two shapes
 //   go elsewhere: C = A W^T with at most 16 rows (a few tokens through a layer) runs on
-//   simd.hpp's lane product, reading W unpacked; and a single row stays with Eigen's
-//   matrix-vector kernel, which streams W at memory speed.
+//   simd.hpp's lane product, reading W unpacked; and a single row, or an inner dimension
+//   of 1, stays with Eigen's matrix-vector and outer-product kernels, which stream at
+//   memory speed.
 // - anything else (double, other targets, expressions without direct access): Eigen's
 //   product, in bands the same way. Single-threaded, Eigen blocks the inner dimension by
 //   its length alone, and its micro-kernels sum each element in an order fixed by the
@@ -135,7 +136,8 @@ void gemm(const A& a, const B& b, C&& c, bool accumulate = false) {
 #if R1_SIMD_SGEMM
   if constexpr (detail::is_direct_float<A> && detail::is_direct_float<B> &&
                 detail::is_direct_float<Dest> && (static_cast<unsigned>(Dest::Flags) & Eigen::LvalueBit) != 0) {
-    if (c.innerStride() == 1 && c.rows() > 1 && c.cols() > 0) {  // one row: Eigen's matrix-vector kernel
+    // One row is Eigen's matrix-vector kernel, and an inner dimension of 1 its outer product.
+    if (c.innerStride() == 1 && c.rows() > 1 && c.cols() > 0 && a.cols() > 1) {
       detail::sgemm(a, b, c, accumulate);
       return;
     }

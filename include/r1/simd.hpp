@@ -26,8 +26,9 @@
 //   lanes_atb:  Ot[k, l] (+)= sum_t B[t, k] P[l, t]      O^T = B^T P^T (probabilities x values)
 //   with B [n, K] row-major (leading dimension ldb), St and Pt [n, 16], Ot [K, 16].
 //
-//   Every output element is one running sum in k (or t) order, so the results do not
-//   depend on blocking or thread count. Both products read each element of B once and FMA
+//   Every output element is a fixed sum in k (or t) order (lanes_abt: two running sums,
+//   over even and odd k, then added), so the results do not depend on blocking or thread
+//   count. Both products read each element of B once and FMA
 //   it into all 16 lanes (a broadcast operand), which keeps them at the FMA rate instead
 //   of the load rate.
 //
@@ -64,19 +65,30 @@ inline void pack_lanes(const float* a, int64_t rows, int64_t K, int64_t lda, flo
 namespace detail {
 
 #if defined(__AVX512F__)
-// Tokens t0 .. t0 + Tokens - 1 of St = B A^T.
+// Tokens t0 .. t0 + Tokens - 1 of St = B A^T. Each token keeps two partial sums, over even
+// and odd k, added at the end: twice the independent FMA chains that one sum per token
+// would give, so the FMA latency hides behind them with only eight row pointers live.
 template <int Tokens>
 inline void abt_tile(const float* panel, const float* b, int64_t K, int64_t ldb, float* st) {
-  __m512 acc[Tokens];
+  __m512 even[Tokens], odd[Tokens];
 #pragma GCC unroll 16
-  for (int j = 0; j < Tokens; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 a = _mm512_loadu_ps(panel + k * kLanes);
+  for (int j = 0; j < Tokens; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const __m512 a0 = _mm512_loadu_ps(panel + k * kLanes), a1 = _mm512_loadu_ps(panel + (k + 1) * kLanes);
 #pragma GCC unroll 16
-    for (int j = 0; j < Tokens; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(b[j * ldb + k]), a, acc[j]);
+    for (int j = 0; j < Tokens; ++j) {
+      even[j] = _mm512_fmadd_ps(_mm512_set1_ps(b[j * ldb + k]), a0, even[j]);
+      odd[j] = _mm512_fmadd_ps(_mm512_set1_ps(b[j * ldb + k + 1]), a1, odd[j]);
+    }
+  }
+  if (k < K) {
+    const __m512 a0 = _mm512_loadu_ps(panel + k * kLanes);
+#pragma GCC unroll 16
+    for (int j = 0; j < Tokens; ++j) even[j] = _mm512_fmadd_ps(_mm512_set1_ps(b[j * ldb + k]), a0, even[j]);
   }
 #pragma GCC unroll 16
-  for (int j = 0; j < Tokens; ++j) _mm512_storeu_ps(st + j * kLanes, acc[j]);
+  for (int j = 0; j < Tokens; ++j) _mm512_storeu_ps(st + j * kLanes, _mm512_add_ps(even[j], odd[j]));
 }
 
 // Columns k0 .. k0 + Cols - 1 of Ot (+)= B^T P^T.
@@ -97,13 +109,14 @@ inline void atb_tile(const float* pt, const float* b, int64_t n, int64_t ldb, fl
 #else
 template <int Tokens>
 inline void abt_tile(const float* panel, const float* b, int64_t K, int64_t ldb, float* st) {
-  float acc[Tokens][kLanes] = {};
+  float acc[2][Tokens][kLanes] = {};  // even and odd k, as the AVX-512 version
   for (int64_t k = 0; k < K; ++k)
     for (int j = 0; j < Tokens; ++j) {
       const float bk = b[j * ldb + k];
-      for (int l = 0; l < kLanes; ++l) acc[j][l] = std::fma(bk, panel[k * kLanes + l], acc[j][l]);
+      for (int l = 0; l < kLanes; ++l) acc[k % 2][j][l] = std::fma(bk, panel[k * kLanes + l], acc[k % 2][j][l]);
     }
-  std::copy(&acc[0][0], &acc[0][0] + Tokens * kLanes, st);
+  for (int j = 0; j < Tokens; ++j)
+    for (int l = 0; l < kLanes; ++l) st[j * kLanes + l] = acc[0][j][l] + acc[1][j][l];
 }
 
 template <int Cols>
