@@ -8,7 +8,8 @@
 //   time_calls(fn, plan)       warm up, pick a repeat count from a time budget; returns
 //   Stats                      the best and median seconds per call.
 //   peak_fma_gflops(threads)   this machine's fp32 FMA peak from a register-only loop.
-//   backend_name()             "openblas" in builds with R1_USE_OPENBLAS, else "eigen".
+//   backend_name()             "openblas" in builds with R1_USE_OPENBLAS, "r1" where r1::gemm
+//                              runs r1's AVX-512 SGEMM (simd.hpp), else "eigen".
 //   machine_json()             {"name":"machine",...}: CPU model/family, logical CPUs, vector width.
 //   CpuMonitor                 how much CPU other processes took during a measurement;
 //   least_disturbed(fn)        reruns a measurement (twice at most) while others took > 10%.
@@ -17,6 +18,8 @@
 // Output convention: stdout carries one JSON object per line and nothing else; progress
 // and notes go to stderr, so `bench_x > results.jsonl` gives a clean file.
 #pragma once
+
+#include <r1/simd.hpp>
 
 #include <malloc.h>
 #include <sys/resource.h>
@@ -56,7 +59,11 @@ inline const char* backend_name() {
 #if defined(R1_USE_OPENBLAS)
   return "openblas";
 #else
+#if R1_SIMD_SGEMM
+  return "r1";
+#else
   return "eigen";
+#endif
 #endif
 }
 
@@ -135,7 +142,9 @@ inline void describe_backend() {
   std::fprintf(stderr, "backend: openblas (EIGEN_USE_BLAS), core %s, config: %s\n", openblas_get_corename(),
                openblas_get_config());
 #else
-  std::fprintf(stderr, "backend: eigen (Eigen's kernels, r1's banded threads)\n");
+  std::fprintf(stderr, "backend: %s\n",
+               R1_SIMD_SGEMM ? "r1 (r1's AVX-512 SGEMM from simd.hpp, r1's banded threads)"
+                             : "eigen (Eigen's kernels, r1's banded threads)");
 #endif
 }
 
