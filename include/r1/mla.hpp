@@ -27,7 +27,11 @@
 // (64 by default, as FlashMLA) in one shared pool, with a block table per sequence.
 // Decode attention is split-K over fixed chunks of blocks, each with its own softmax max
 // and sum, combined in order (online softmax): parallel even for one sequence, and
-// bit-identical for any thread count.
+// bit-identical for any thread count. In float, a step with at most 64 query rows (H*T)
+// runs each chunk on r1/simd.hpp's lane products: the rows sit in register lanes and the
+// cache blocks are read in place, never packed; bigger prefills (and double) use GEMMs.
+// On CPUs, decode at V3's shape is compute-bound in float (about 15 FLOPs per cached
+// byte at 16 heads), not bandwidth-bound as on a GPU.
 //
 // API: Mla(params) / MlaCache: forward(p, x, positions, cache), backward(p, cache, dy,
 // grads). MlaKvCache(config, num_blocks, block_size): add_sequence, append, truncate,

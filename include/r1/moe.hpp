@@ -33,6 +33,10 @@
 //                        nothing to y; the loss is in cache.aux_loss and backward adds its
 //                        gradient.
 //
+// Threads: each routed expert runs whole on one thread, the experts dealt to r1's threads
+// by token count (MoeImpl<Cpu>::for_each_expert); the shared experts and the gate use all
+// threads inside their GEMMs. Results are the same bits for any thread count.
+//
 // Devices: forward, backward, routing_stats and update_bias check their arguments here and
 // run MoeImpl<Dev>; r1/cuda/moe.cuh specializes MoeImpl and MoeCache for r1::Cuda (the
 // routing on the device, every expert in one grouped GEMM per projection).
