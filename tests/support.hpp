@@ -84,8 +84,9 @@ double weighted_sum(const Y& y, const r1::Tensor<double>& w) {
   return s;
 }
 
-inline r1::Tensor<double> random_tensor(r1::Shape shape, uint64_t seed, double std = 1.0) {
-  r1::Tensor<double> t(shape);
+template <class T = double>
+r1::Tensor<T> random_tensor(r1::Shape shape, uint64_t seed, double std = 1.0) {
+  r1::Tensor<T> t(shape);
   r1::Rng rng(seed);
   r1::fill_normal(t.view(), rng, 0.0, std);
   return t;

@@ -32,10 +32,7 @@ using r1test::to_host;
 namespace {
 
 Tensor<float> random_matrix(int64_t rows, int64_t cols, uint64_t seed, double std = 1.0) {
-  Tensor<float> x(Shape{rows, cols});
-  r1::Rng rng(seed);
-  r1::fill_normal(x.view(), rng, 0.0, std);
-  return x;
+  return r1test::random_tensor<float>(Shape{rows, cols}, seed, std);
 }
 
 void require_same_bytes(const Tensor<fp8_e4m3>& a, const Tensor<fp8_e4m3>& b) {

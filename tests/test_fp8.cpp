@@ -20,10 +20,7 @@ using r1::Tensor;
 namespace {
 
 Tensor<float> random_matrix(int64_t rows, int64_t cols, uint64_t seed, double std = 1.0) {
-  Tensor<float> x(Shape{rows, cols});
-  r1::Rng rng(seed);
-  r1::fill_normal(x.view(), rng, 0.0, std);
-  return x;
+  return r1test::random_tensor<float>(Shape{rows, cols}, seed, std);
 }
 
 struct Quantized {
