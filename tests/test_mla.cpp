@@ -346,6 +346,16 @@ void check_absorbed_against_training(int64_t q_lora, int64_t block_size) {
   REQUIRE(kv.length(ids[0]) == 7);
   const auto& again = r1::forward_absorbed(p, r1::to_tensor(xs[0].view().slice(1, 7, 11)), {ids[0]}, kv, ws);
   REQUIRE(rel_diff(again, r1::to_tensor(ys[0].view().slice(1, 7, 11))) < 1e-5);
+  // Two sequences with two new tokens each in one call (batched speculative decoding): the
+  // absorption products then run down the batch, once per (head, new token).
+  kv.truncate(ids[1], 4);
+  kv.truncate(ids[2], 148);
+  Tensor<T> pair(Shape{2, 2, cfg.dim});
+  pair.view().select(0).matrix() = xs[1].view().select(0).slice(0, 4, 6).matrix();
+  pair.view().select(1).matrix() = xs[2].view().select(0).slice(0, 148, 150).matrix();
+  const Tensor<T> both = r1::forward_absorbed(p, pair, {ids[1], ids[2]}, kv, ws);
+  REQUIRE(rel_diff(r1::to_tensor(both.view().slice(0, 0, 1)), r1::to_tensor(ys[1].view().slice(1, 4, 6))) < 1e-5);
+  REQUIRE(rel_diff(r1::to_tensor(both.view().slice(0, 1, 2)), r1::to_tensor(ys[2].view().slice(1, 148, 150))) < 1e-5);
 }
 
 TEST_CASE("absorbed MLA agrees with the training path: prefill and token-by-token decode", "[mla][absorbed]") {

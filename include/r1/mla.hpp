@@ -555,7 +555,7 @@ struct MlaImpl<Cpu> {
           for (int64_t i = first; i < last; ++i) {
             const auto blk = kv.block(seq, i);
             simd::lanes_abt(w.qpanels.data() + (b * panels + pi) * row * L, blk.data(), blk.size(0), row, row,
-                            st + width * L);
+                            st + width * L, i + 1 < last ? kv.block(seq, i + 1).data() : nullptr);
             width += blk.size(0);
           }
           // Lane l is query row pi*16 + l = (h, j), which sees tokens t < L0 + j + 1.
@@ -598,17 +598,30 @@ struct MlaImpl<Cpu> {
                   rows = H * Tn, K = MlaDecodeCache<T, Cpu>::kChunkBlocks;
     const T lowest = -std::numeric_limits<T>::infinity();
     const T* wkv = p.kv_b.weight.data();
+    // Per head, the query rows form a grid of B sequences x T new tokens. The absorption
+    // products run down the longer axis as one matrix with a uniform row stride (B rows for
+    // batched decode, T rows for a prefill), so W_UK[h] and W_UV[h] are read once per
+    // (head, index on the shorter axis) rather than once per row.
+    const bool down_batch = B >= Tn;
+    const int64_t across = down_batch ? Tn : B, along = down_batch ? B : Tn;
+    const int64_t q_step = down_batch ? Tn * H * Dq : H * Dq, lat_step = down_batch ? rows : 1,
+                  attn_step = down_batch ? Tn * H * V : H * V;
+    struct FirstRow {
+      int64_t b, j;
+    };
+    const auto first_row = [&](int64_t i) { return down_batch ? FirstRow{0, i} : FirstRow{i, 0}; };
     // qcat[b, h*T + j] = [q_nope[b,j,h] W_UK[h] | q_pe[b,j,h]]
     w.qcat.resize(Shape{B, rows, row});
-    parallel_for(B * H, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        const T* q = w.q.data() + b * Tn * H * Dq + h * Dq;
-        auto qcat = mat(w.qcat.data() + (b * rows + h * Tn) * row, Tn, row, row);
-        gemm(mat(q, Tn, N, H * Dq), mat(wkv + h * Dkv * C, N, C, C), qcat.leftCols(C));
-        qcat.rightCols(R) = mat(q + N, Tn, R, H * Dq);
+    parallel_for(H * across, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t h = item / across;
+        const auto [b, j] = first_row(item % across);
+        const T* q = w.q.data() + ((b * Tn + j) * H + h) * Dq;
+        auto qcat = mat(w.qcat.data() + (b * rows + h * Tn + j) * row, along, row, lat_step * row);
+        gemm(mat(q, along, N, q_step), mat(wkv + h * Dkv * C, N, C, C), qcat.leftCols(C));
+        qcat.rightCols(R) = mat(q + N, along, R, q_step);
       }
-    }, min_items_per_thread(Tn * N * C));
+    }, min_items_per_thread(along * N * C));
     // Chunks: sequence b owns chunks [chunk_first[b], chunk_first[b+1]).
     w.chunk_seq.clear();
     w.chunk_first.assign(1, 0);
@@ -650,13 +663,15 @@ struct MlaImpl<Cpu> {
         o /= l;
       }
     }, min_items_per_thread(C * (w.chunk_first.back() / std::max<int64_t>(B, 1) + 1)));
-    parallel_for(B * H, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        gemm(mat<const T>(w.olat.data() + (b * rows + h * Tn) * C, Tn, C, C),
-             mat(wkv + (h * Dkv + N) * C, V, C, C).transpose(), mat(w.attn.data() + b * Tn * H * V + h * V, Tn, V, H * V));
+    parallel_for(H * across, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t h = item / across;
+        const auto [b, j] = first_row(item % across);
+        gemm(mat<const T>(w.olat.data() + (b * rows + h * Tn + j) * C, along, C, lat_step * C),
+             mat(wkv + (h * Dkv + N) * C, V, C, C).transpose(),
+             mat(w.attn.data() + (b * Tn + j) * H * V + h * V, along, V, attn_step));
       }
-    }, min_items_per_thread(Tn * C * V));
+    }, min_items_per_thread(along * C * V));
   }
 };
 

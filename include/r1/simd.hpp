@@ -68,13 +68,19 @@ namespace detail {
 // Tokens t0 .. t0 + Tokens - 1 of St = B A^T. Each token keeps two partial sums, over even
 // and odd k, added at the end: twice the independent FMA chains that one sum per token
 // would give, so the FMA latency hides behind them with only eight row pointers live.
+// Each k pair also prefetches one cache line of `ahead` (the rows the next tile reads):
+// K/2 lines are the next eight contiguous rows of K floats. The hardware prefetchers do not
+// follow eight row streams at once, and without this the tile waits on memory at 2/3 of
+// the rate it reaches on cached rows.
 template <int Tokens>
-inline void abt_tile(const float* panel, const float* b, int64_t K, int64_t ldb, float* st) {
+inline void abt_tile(const float* panel, const float* b, int64_t K, int64_t ldb, float* st, const float* ahead) {
   __m512 even[Tokens], odd[Tokens];
 #pragma GCC unroll 16
   for (int j = 0; j < Tokens; ++j) even[j] = odd[j] = _mm512_setzero_ps();
+  const char* next_line = reinterpret_cast<const char*>(ahead);
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
+    _mm_prefetch(next_line + k * 32, _MM_HINT_T0);  // line k/2 of `ahead`
     const __m512 a0 = _mm512_loadu_ps(panel + k * kLanes), a1 = _mm512_loadu_ps(panel + (k + 1) * kLanes);
 #pragma GCC unroll 16
     for (int j = 0; j < Tokens; ++j) {
@@ -108,7 +114,7 @@ inline void atb_tile(const float* pt, const float* b, int64_t n, int64_t ldb, fl
 }
 #else
 template <int Tokens>
-inline void abt_tile(const float* panel, const float* b, int64_t K, int64_t ldb, float* st) {
+inline void abt_tile(const float* panel, const float* b, int64_t K, int64_t ldb, float* st, const float* /*ahead*/) {
   float acc[2][Tokens][kLanes] = {};  // even and odd k, as the AVX-512 version
   for (int64_t k = 0; k < K; ++k)
     for (int j = 0; j < Tokens; ++j) {
@@ -144,13 +150,19 @@ inline int64_t with_tail_width(int64_t remaining, F&& f) {
 
 }  // namespace detail
 
-// St[t * 16 + l] = sum_k b[t * ldb + k] * panel[k * 16 + l], t < n.
-inline void lanes_abt(const float* panel, const float* b, int64_t n, int64_t K, int64_t ldb, float* st) {
+// St[t * 16 + l] = sum_k b[t * ldb + k] * panel[k * 16 + l], t < n. `then` (optional) is
+// where the caller reads next, prefetched while the last rows of b are multiplied.
+inline void lanes_abt(const float* panel, const float* b, int64_t n, int64_t K, int64_t ldb, float* st,
+                      const float* then = nullptr) {
   constexpr int kTile = 8;  // eight B rows: eight row pointers stay in registers (twelve or more spill)
+  const auto ahead = [&](int64_t next_row) { return next_row < n ? b + next_row * ldb : then != nullptr ? then : b; };
   int64_t t = 0;
-  for (; t + kTile <= n; t += kTile) detail::abt_tile<kTile>(panel, b + t * ldb, K, ldb, st + t * kLanes);
+  for (; t + kTile <= n; t += kTile)
+    detail::abt_tile<kTile>(panel, b + t * ldb, K, ldb, st + t * kLanes, ahead(t + kTile));
   while (t < n) {
-    t += detail::with_tail_width(n - t, [&]<int W>() { detail::abt_tile<W>(panel, b + t * ldb, K, ldb, st + t * kLanes); });
+    t += detail::with_tail_width(n - t, [&]<int W>() {
+      detail::abt_tile<W>(panel, b + t * ldb, K, ldb, st + t * kLanes, ahead(t + W));
+    });
   }
 }
 
