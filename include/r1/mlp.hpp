@@ -52,19 +52,25 @@ R1_DECLARE_IMPL(MlpImpl, "mlp.cuh");
 
 template <>
 struct MlpImpl<Cpu> {
-  template <class T>
-  static T sigmoid(T a) {
-    return T(1) / (T(1) + std::exp(-a));
+  // sigmoid(a) = 1 / (1 + exp(-a)) as an Eigen array expression: Eigen evaluates exp in
+  // SIMD registers (a scalar std::exp per element was 10% of a small model's training step).
+  template <class A>
+  static auto sigmoid(const A& a) {
+    using T = typename A::Scalar;
+    return (T(1) + (-a).exp()).inverse();
   }
 
   // Rows in parallel: an exp per element is costly enough to be worth both threads.
   template <class T>
   static void gate(MlpCache<T, Cpu>& c) {
-    const auto a = c.gate.y.matrix();
-    const auto b = c.up.y.matrix();
+    const auto a_m = c.gate.y.matrix();
+    const auto b_m = c.up.y.matrix();
     auto h = c.h.matrix();
     parallel_for(h.rows(), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) h.row(m) = a.row(m).unaryExpr([](T v) { return v * sigmoid(v); }).cwiseProduct(b.row(m));
+      for (int64_t m = begin; m < end; ++m) {
+        const auto a = a_m.row(m).array();
+        h.row(m).array() = a * sigmoid(a) * b_m.row(m).array();
+      }
     }, min_items_per_thread(16 * h.cols()));
   }
 
@@ -80,7 +86,7 @@ struct MlpImpl<Cpu> {
       for (int64_t m = begin; m < end; ++m) {
         const auto a = a_m.row(m).array();
         const auto dh = dh_m.row(m).array();
-        const auto s = a.unaryExpr([](T v) { return sigmoid(v); }).eval();
+        const auto s = sigmoid(a).eval();
         dgate.row(m).array() = dh * b_m.row(m).array() * s * (T(1) + a * (T(1) - s));
         dup.row(m).array() = dh * a * s;
       }
