@@ -78,7 +78,7 @@ inline void few_rows_times_transposed(const simd::StridedMatrix& a, const simd::
     for (int64_t band = begin; band < end; ++band) {
       const int64_t n0 = band * kBand, n = std::min(kBand, N - n0);
       simd::lanes_abt(panel.data(), w_t.data + n0 * ldw, n, K, ldw, st, band + 1 < end ? w_t.data + (n0 + n) * ldw : nullptr);
-      simd::detail::transpose(st, L, n, M, c + n0, ldc);
+      simd::transpose(st, L, n, M, c + n0, ldc);
     }
   }, min_items_per_thread(kBand * K));
 }

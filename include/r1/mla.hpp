@@ -53,6 +53,7 @@
 #include "tensor.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -560,13 +561,17 @@ struct MlaImpl<Cpu> {
           }
           // Lane l is query row pi*16 + l = (h, j), which sees tokens t < L0 + j + 1.
           Eigen::Map<Lanes> s(st, width, L);
-          LaneRow max_score;
+          std::array<bool, simd::kLanes> sees_any{};
           for (int64_t l = 0; l < L; ++l) {
             const int64_t r = pi * L + l;
             const int64_t valid = r < rows ? std::clamp<int64_t>(L0 + r % Tn + 1 - t0, 0, width) : 0;
             s.col(l).segment(valid, width - valid).setConstant(lowest);
-            max_score(l) = valid > 0 ? s.col(l).head(valid).maxCoeff() * scale : 0.0f;
+            sees_any[static_cast<std::size_t>(l)] = valid > 0;
           }
+          // Each lane's max down the rows, 16 lanes per vector op (masked scores are -inf).
+          LaneRow max_score = s.row(0);
+          for (int64_t t = 1; t < width; ++t) max_score = max_score.max(s.row(t));
+          for (int64_t l = 0; l < L; ++l) max_score(l) = sees_any[static_cast<std::size_t>(l)] ? max_score(l) * scale : 0.0f;
           s = (s * scale).rowwise() - max_score;
           s = s.exp();  // masked tokens: exp(-inf) = 0
           const LaneRow sums = s.colwise().sum();
@@ -575,13 +580,13 @@ struct MlaImpl<Cpu> {
             simd::lanes_atb(st + off * L, blk.data(), blk.size(0), C, row, ot, /*accumulate=*/i > first);
             off += blk.size(0);
           }
-          const Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, simd::kLanes, Eigen::RowMajor>> o(ot, C, L);
-          for (int64_t l = 0; l < L && pi * L + l < rows; ++l) {
+          const int64_t lanes_used = std::min(L, rows - pi * L);
+          for (int64_t l = 0; l < lanes_used; ++l) {
             const int64_t r = pi * L + l;
             w.run_max.data()[ci * rows + r] = sums(l) > 0.0f ? max_score(l) : lowest;
             w.run_sum.data()[ci * rows + r] = sums(l);
-            mat(w.acc.data() + (ci * rows + r) * C, 1, C, C) = o.col(l).transpose();
           }
+          simd::transpose(ot, L, C, lanes_used, w.acc.data() + (ci * rows + pi * L) * C, C);
         }
       }
     }, min_items_per_thread(2 * rows * K * bs * (C + row)));

@@ -65,6 +65,43 @@ inline void pack_lanes(const float* a, int64_t rows, int64_t K, int64_t lda, flo
 namespace detail {
 
 #if defined(__AVX512F__)
+// One 16 x 16 block of transpose below, in registers: unpack, then two rounds of 128-bit
+// lane shuffles.
+inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  const auto lo = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+  const auto hi = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = lo(t[i], t[i + 2]);
+    r[i + 1] = hi(t[i], t[i + 2]);
+    r[i + 2] = lo(t[i + 1], t[i + 3]);
+    r[i + 3] = hi(t[i + 1], t[i + 3]);
+  }
+#pragma GCC unroll 2
+  for (int g = 0; g < 16; g += 8) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      t[g + i] = _mm512_shuffle_f32x4(r[g + i], r[g + i + 4], 0x88);
+      t[g + i + 4] = _mm512_shuffle_f32x4(r[g + i], r[g + i + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+}
+
 // Tokens t0 .. t0 + Tokens - 1 of St = B A^T. Each token keeps two partial sums, over even
 // and odd k, added at the end: twice the independent FMA chains that one sum per token
 // would give, so the FMA latency hides behind them with only eight row pointers live.
@@ -150,6 +187,20 @@ inline int64_t with_tail_width(int64_t remaining, F&& f) {
 
 }  // namespace detail
 
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: 16 x 16 blocks transposed in
+// registers where AVX-512 is there, the edges (and everything elsewhere) one by one.
+inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+#if defined(__AVX512F__)
+  const int64_t full_rows = rows / 16 * 16, full_cols = cols / 16 * 16;
+  for (int64_t i = 0; i < full_rows; i += 16)
+    for (int64_t j = 0; j < full_cols; j += 16) detail::transpose16(src + i * lds + j, lds, dst + j * ldd + i, ldd);
+#else
+  const int64_t full_rows = 0, full_cols = 0;
+#endif
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
 // St[t * 16 + l] = sum_k b[t * ldb + k] * panel[k * 16 + l], t < n. `then` (optional) is
 // where the caller reads next, prefetched while the last rows of b are multiplied.
 inline void lanes_abt(const float* panel, const float* b, int64_t n, int64_t K, int64_t ldb, float* st,
@@ -216,51 +267,6 @@ inline PackBuffers& pack_buffers() {
   return buffers;
 }
 
-// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols: 16 x 16 blocks transposed in
-// registers (unpack, then two rounds of 128-bit lane shuffles), the edges one by one.
-inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  __m512 r[16], t[16];
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
-#pragma GCC unroll 8
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  const auto lo = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
-  const auto hi = [](__m512 a, __m512 b) { return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b))); };
-#pragma GCC unroll 4
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = lo(t[i], t[i + 2]);
-    r[i + 1] = hi(t[i], t[i + 2]);
-    r[i + 2] = lo(t[i + 1], t[i + 3]);
-    r[i + 3] = hi(t[i + 1], t[i + 3]);
-  }
-#pragma GCC unroll 2
-  for (int g = 0; g < 16; g += 8) {
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      t[g + i] = _mm512_shuffle_f32x4(r[g + i], r[g + i + 4], 0x88);
-      t[g + i + 4] = _mm512_shuffle_f32x4(r[g + i], r[g + i + 4], 0xdd);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
-}
-
-inline void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
-  const int64_t full_rows = rows / 16 * 16, full_cols = cols / 16 * 16;
-  for (int64_t i = 0; i < full_rows; i += 16)
-    for (int64_t j = 0; j < full_cols; j += 16) transpose16(src + i * lds + j, lds, dst + j * ldd + i, ldd);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = i < full_rows ? full_cols : 0; j < cols; ++j) dst[j * ldd + i] = src[i * lds + j];
-}
-
 // Rows [i0, i0 + m) and inner [k0, k0 + kc) of A into panels of kMr rows, row-major:
 // panel p holds ap[p * kc + r * kc + k] = A[i0 + p + r, k0 + k], zero past m.
 inline void pack_a(const StridedMatrix& a, int64_t i0, int64_t m, int64_t k0, int64_t kc, float* ap) {
@@ -269,7 +275,7 @@ inline void pack_a(const StridedMatrix& a, int64_t i0, int64_t m, int64_t k0, in
   if (a.col_stride == 1) {
     for (int64_t r = 0; r < m; ++r) std::copy_n(src + r * a.row_stride, kc, ap + r * kc);
   } else if (a.row_stride == 1) {  // a transposed row-major matrix, as dy^T in dW = dy^T x
-    transpose(src, a.col_stride, kc, m, ap, kc);
+    simd::transpose(src, a.col_stride, kc, m, ap, kc);
   } else {
     for (int64_t r = 0; r < m; ++r)
       for (int64_t k = 0; k < kc; ++k) ap[r * kc + k] = src[r * a.row_stride + k * a.col_stride];
@@ -287,7 +293,7 @@ inline void pack_b(const StridedMatrix& b, int64_t k0, int64_t kc, int64_t j0, i
     if (b.col_stride == 1) {
       for (int64_t k = 0; k < kc; ++k) std::copy_n(src + k * b.row_stride, cols, dst + k * kNr);
     } else if (b.row_stride == 1) {  // a transposed row-major matrix, as W^T in y = x W^T
-      transpose(src, b.col_stride, cols, kc, dst, kNr);
+      simd::transpose(src, b.col_stride, cols, kc, dst, kNr);
     } else {
       for (int64_t k = 0; k < kc; ++k)
         for (int64_t c = 0; c < cols; ++c) dst[k * kNr + c] = src[k * b.row_stride + c * b.col_stride];
