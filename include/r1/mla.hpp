@@ -30,6 +30,8 @@
 // bit-identical for any thread count. In float, a step with at most 64 query rows (H*T)
 // runs each chunk on r1/simd.hpp's lane products: the rows sit in register lanes and the
 // cache blocks are read in place, never packed; bigger prefills (and double) use GEMMs.
+// The absorption products (q_nope W_UK[h], o_lat W_UV[h]^T) run per head down the longer
+// of the batch and token axes, so a batched decode step reads each W_UK[h] once.
 // On CPUs, decode at V3's shape is compute-bound in float (about 15 FLOPs per cached
 // byte at 16 heads), not bandwidth-bound as on a GPU.
 //

@@ -30,7 +30,12 @@
 //   over even and odd k, then added), so the results do not depend on blocking or thread
 //   count. Both products read each element of B once and FMA
 //   it into all 16 lanes (a broadcast operand), which keeps them at the FMA rate instead
-//   of the load rate.
+//   of the load rate. lanes_abt reads B straight from memory (a decode step's cache
+//   blocks, a layer's weights), so it prefetches the rows its next tile reads, and given
+//   `then`, the rows the caller reads next: about 1.4x on rows that come from DRAM.
+//
+// 3. transpose: a strided float matrix transposed in 16 x 16 register blocks, for packing
+//    and for turning the lane products' [K, 16] outputs back into rows.
 //
 // The register tiles are fully unrolled (`#pragma GCC unroll`, which GCC and Clang honour):
 // at -O2 GCC would otherwise keep the accumulator arrays on the stack, at 40% of the FMA
@@ -305,10 +310,13 @@ inline void pack_b(const StridedMatrix& b, int64_t k0, int64_t kc, int64_t j0, i
 
 inline __mmask16 tail_mask(int64_t cols) { return cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1u); }
 
-// C[rows, cols] (+)= Ap Bp over kc, one register tile; NV vectors cover cols.
+// C[rows, cols] (+)= Ap Bp over kc, one register tile; NV vectors cover cols. The first
+// k steps prefetch the kMr x 64 block of C at c_next, the tile the caller runs next: C
+// there is often cold (a weight gradient accumulated once per step), and with a short kc
+// its loads would otherwise stall the tile.
 template <int NV>
 inline void micro_tile(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, int64_t rows, int64_t cols,
-                       bool load_c) {
+                       bool load_c, const float* c_next) {
   __m512 acc[kMr][NV];
   __mmask16 mask[NV];
 #pragma GCC unroll 4
@@ -320,6 +328,7 @@ inline void micro_tile(int64_t kc, const float* ap, const float* bp, float* c, i
       acc[r][v] = load_c && r < rows ? _mm512_maskz_loadu_ps(mask[v], c + r * ldc + 16 * v) : _mm512_setzero_ps();
   }
   for (int64_t k = 0; k < kc; ++k) {
+    if (k < kMr * 4) _mm_prefetch(reinterpret_cast<const char*>(c_next + (k / 4) * ldc + (k % 4) * 16), _MM_HINT_T0);
     __m512 b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = _mm512_load_ps(bp + k * kNr + 16 * v);
@@ -347,11 +356,13 @@ inline void macro_tile(int64_t m, int64_t n, int64_t kc, const float* ap, const 
       const int64_t rows = std::min<int64_t>(kMr, m - p);
       const float* a = ap + p * kc;
       float* ct = c + p * ldc + q;
+      // The next tile down, or the top of the next column panel (prefetches never fault).
+      const float* next = p + kMr < m ? ct + kMr * ldc : c + q + kNr;
       switch ((cols + 15) / 16) {
-        case 4: micro_tile<4>(kc, a, bq, ct, ldc, rows, cols, load_c); break;
-        case 3: micro_tile<3>(kc, a, bq, ct, ldc, rows, cols, load_c); break;
-        case 2: micro_tile<2>(kc, a, bq, ct, ldc, rows, cols, load_c); break;
-        default: micro_tile<1>(kc, a, bq, ct, ldc, rows, cols, load_c); break;
+        case 4: micro_tile<4>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
+        case 3: micro_tile<3>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
+        case 2: micro_tile<2>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
+        default: micro_tile<1>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
       }
     }
   }
