@@ -99,6 +99,9 @@ inline void write_progress(std::ostream& out, int64_t step, int64_t total, const
                      std::string(static_cast<std::size_t>(kWidth - done), '.'), step, total, fields)
       << std::flush;
 }
+// A NaN's sign bit depends on which instructions produced it (vectorized exp gives -nan); logs say "nan" either way.
+inline double unsigned_nan(double x) { return std::isnan(x) ? std::numeric_limits<double>::quiet_NaN() : x; }
+
 }  // namespace detail
 
 class Trainer {
@@ -133,7 +136,7 @@ class Trainer {
       const double loss = forward(config_.loss, model, batch_.ids, batch_.targets, cache_);
       if (!std::isfinite(loss)) {
         m.skipped = true;
-        m.warning = fmt::format("loss is {} in micro-batch {}: step skipped, weights unchanged", loss, micro);
+        m.warning = fmt::format("loss is {} in micro-batch {}: step skipped, weights unchanged", detail::unsigned_nan(loss), micro);
         break;
       }
       backward(config_.loss, model, cache_, grads_);
@@ -152,7 +155,7 @@ class Trainer {
                                                                            : std::numeric_limits<double>::infinity());
       if (!std::isfinite(m.grad_norm)) {
         m.skipped = true;
-        m.warning = fmt::format("gradient norm is {}: step skipped, weights unchanged", m.grad_norm);
+        m.warning = fmt::format("gradient norm is {}: step skipped, weights unchanged", detail::unsigned_nan(m.grad_norm));
       }
     }
     if (!m.skipped) {
