@@ -315,7 +315,7 @@ void check_mlp(int64_t rows, int64_t dim, int64_t hidden, double tol) {
   const Tensor<float> dx = r1::backward(host, cache, dy, host_grads);
   r1::MlpCache<T, Cuda> device_cache;
   require_close(to_host(r1::forward(device, to_device<T>(x), device_cache)), y, tol, "y");
-  require_close(to_host(device_cache.h), cache.h, tol, "h");
+  require_close(to_host(device_cache.down.x), cache.down.x, tol, "h");
   require_close(to_host(r1::backward(device, device_cache, to_device<T>(dy), device_grads)), dx, tol, "dx");
   require_close(to_host(device_cache.dgate), cache.dgate, tol, "dgate");
   require_close(to_host(device_cache.dup), cache.dup, tol, "dup");

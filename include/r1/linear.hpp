@@ -210,12 +210,17 @@ struct LinearImpl<Cpu> {
     if (p.has_bias()) y_m.rowwise() += p.bias.vector().transpose();
   }
 
+  // dx = dy W, or dx += dy W with accumulate (layers that share an input sum into one dx).
   template <class T>
-  static void backward(const Linear<T, Cpu>& p, LinearCache<T, Cpu>& c, View<const T> dy, Linear<T, Cpu>& g) {
+  static void input_grad(const Linear<T, Cpu>& p, ConstView<T> dy, MutableView<T> dx, bool accumulate) {
+    gemm(dy.matrix(), p.weight.matrix(), dx.matrix(), accumulate);
+  }
+
+  // dW += dy^T x (and db += the column sums of dy).
+  template <class T>
+  static void weight_grad(const Linear<T, Cpu>& p, ConstView<T> x, ConstView<T> dy, Linear<T, Cpu>& g) {
     const auto dy_m = dy.matrix();
-    c.dx.resize(c.x.shape());
-    gemm(dy_m, p.weight.matrix(), c.dx.matrix());
-    gemm(dy_m.transpose(), c.x.matrix(), g.weight.matrix(), /*accumulate=*/true);
+    gemm(dy_m.transpose(), x.matrix(), g.weight.matrix(), /*accumulate=*/true);
     if (p.has_bias()) g.bias.matrix() += dy_m.colwise().sum();
   }
 };
@@ -246,7 +251,9 @@ const Tensor<T, Dev>& backward(const Linear<T, Dev>& p, LinearCache<T, Dev>& c, 
   R1_CHECK(grads.weight.shape() == p.weight.shape() && grads.bias.shape() == p.bias.shape(),
            "[linear.backward] grads have weight ", grads.weight.shape(), " and bias ", grads.bias.shape(), ", expected ",
            p.weight.shape(), " and ", p.bias.shape(), " (use r1::zeros_like(params))");
-  LinearImpl<Dev>::backward(p, c, dy, grads);
+  c.dx.resize(c.x.shape());
+  LinearImpl<Dev>::input_grad(p, dy, c.dx, /*accumulate=*/false);
+  LinearImpl<Dev>::weight_grad(p, c.x, dy, grads);
   return c.dx;
 }
 

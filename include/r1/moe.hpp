@@ -33,9 +33,10 @@
 //                        nothing to y; the loss is in cache.aux_loss and backward adds its
 //                        gradient.
 //
-// Threads: each routed expert runs whole on one thread, the experts dealt to r1's threads
-// by token count (MoeImpl<Cpu>::for_each_expert); the shared experts and the gate use all
-// threads inside their GEMMs. Results are the same bits for any thread count.
+// Threads: each routed expert, and the shared experts, run whole on one thread, largest
+// first to whichever of r1's threads is free (MoeImpl<Cpu>::run_experts); shared experts
+// bigger than one thread's share, and the gate, use all threads inside their GEMMs.
+// Results are the same bits for any thread count.
 //
 // Devices: forward, backward, routing_stats and update_bias check their arguments here and
 // run MoeImpl<Dev>; r1/cuda/moe.cuh specializes MoeImpl and MoeCache for r1::Cuda (the
@@ -53,6 +54,7 @@
 #include "tensor.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -144,7 +146,7 @@ struct MoeCache {
   Tensor<T, Dev> topk_weight;        // [N, k], after normalization and scaling
   std::vector<int64_t> expert_offset;  // [E + 1]: expert e owns sorted slots [offset[e], offset[e+1])
   std::vector<int64_t> slot_of;      // [N*k]: (token n, choice j) -> its sorted slot
-  std::vector<int64_t> token_of;     // [N*k]: sorted slot -> token
+  std::vector<int64_t> choice_of;    // [N*k]: sorted slot -> n*k + j (its token is n)
   Tensor<T, Dev> routed_x, routed_y;   // [N*k, D] in sorted order
   std::vector<MlpCache<T, Dev>> expert_caches;
   MlpCache<T, Dev> shared;
@@ -247,21 +249,12 @@ struct MoeImpl<Cpu> {
     std::partial_sum(c.expert_offset.begin(), c.expert_offset.end(), c.expert_offset.begin());
     std::vector<int64_t> next(c.expert_offset.begin(), c.expert_offset.end() - 1);
     c.slot_of.resize(static_cast<std::size_t>(slots));
-    c.token_of.resize(static_cast<std::size_t>(slots));
+    c.choice_of.resize(static_cast<std::size_t>(slots));
     for (int64_t i = 0; i < slots; ++i) {
       const int64_t slot = next[idx[i]]++;
       c.slot_of[i] = slot;
-      c.token_of[slot] = i / cfg.num_experts_per_tok;
+      c.choice_of[slot] = i;
     }
-  }
-
-  template <class T>
-  static void gather(const MoeCache<T, Cpu>& c, const Tensor<T>& x, Tensor<T>& routed) {
-    const auto xm = x.matrix();
-    auto r = routed.matrix();
-    parallel_for(r.rows(), [&](int64_t begin, int64_t end) {
-      for (int64_t slot = begin; slot < end; ++slot) r.row(slot) = xm.row(c.token_of[slot]);
-    }, min_items_per_thread(r.cols()));
   }
 
   // y[n] += sum_j w[n,j] * routed_y[slot(n,j)], in j order.
@@ -352,19 +345,39 @@ struct MoeImpl<Cpu> {
     }, min_items_per_thread(4 * s.cols()));
   }
 
-  // Calls f(e, begin, end) for every expert e with slots [begin, end), the experts dealt
-  // to r1's threads in contiguous runs of about equal slot counts (by each slice's
-  // midpoint). An expert's products then run whole on one thread: at a few hundred rows
-  // per expert that beats splitting each small GEMM across threads, and the results are
-  // the same bits either way.
-  template <class F>
-  static void for_each_expert(const std::vector<int64_t>& offset, F&& f) {
+  // Runs routed(e, begin, end) for every expert e with slots [begin, end), and shared() for
+  // the shared experts when shared_rows > 0, each task whole on one of r1's threads: at a few
+  // hundred rows per expert that beats splitting each small GEMM across threads (no barrier
+  // between projections, no operand packed twice), and the results are the same bits either
+  // way. Tasks go largest first to whichever thread is free, so the threads finish within
+  // about one small expert of each other. shared_rows counts tokens times n_shared_experts,
+  // in the routed slots' units. When the shared experts alone are more than one thread's
+  // share they run first, across all threads, instead.
+  template <class Routed, class Shared>
+  static void run_experts(const std::vector<int64_t>& offset, int64_t shared_rows, Routed&& routed, Shared&& shared) {
+    constexpr int64_t kShared = -1;
     const auto experts = static_cast<int64_t>(offset.size()) - 1;
-    const int64_t slots = offset.back(), parts = std::min<int64_t>(num_threads(), experts);
-    parallel_for(parts, [&](int64_t first_part, int64_t end_part) {
-      for (int64_t e = 0; e < experts; ++e) {
-        const int64_t begin = offset[e], end = offset[e + 1], part = (begin + end) / 2 * parts / std::max<int64_t>(slots, 1);
-        if (begin < end && first_part <= part && part < end_part) f(e, begin, end);
+    if (shared_rows > 0 && shared_rows * num_threads() > offset.back() + shared_rows) {
+      shared();
+      shared_rows = 0;
+    }
+    struct Task {
+      int64_t rows, expert;
+    };
+    std::vector<Task> tasks;
+    if (shared_rows > 0) tasks.push_back({shared_rows, kShared});
+    for (int64_t e = 0; e < experts; ++e)
+      if (offset[e + 1] > offset[e]) tasks.push_back({offset[e + 1] - offset[e], e});
+    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.rows > b.rows; });
+    std::atomic<std::size_t> next{0};
+    parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t, int64_t) {
+      for (std::size_t i = next++; i < tasks.size(); i = next++) {
+        const int64_t e = tasks[i].expert;
+        if (e == kShared) {
+          shared();
+        } else {
+          routed(e, offset[e], offset[e + 1]);
+        }
       }
     });
   }
@@ -382,21 +395,22 @@ struct MoeImpl<Cpu> {
     route(p, c);
     sort_slots(cfg, c);
 
+    // Each expert gathers its own tokens (on its thread, just before it reads them).
     c.routed_x.resize(Shape{tokens * k, cfg.dim});
-    gather(c, c.gate.x, c.routed_x);
     c.routed_y.resize(Shape{tokens * k, cfg.dim});
     c.expert_caches.resize(p.experts.size());
-    for_each_expert(c.expert_offset, [&](int64_t e, int64_t begin, int64_t end) {
-      const auto& out = forward(p.experts[e], c.routed_x.view().slice(0, begin, end), c.expert_caches[e]);
-      c.routed_y.view().slice(0, begin, end).matrix() = out.matrix();
-    });
-
     c.y.resize(x.shape());
-    if (p.has_shared()) {
-      c.y.matrix() = forward(p.shared_experts, x, c.shared).matrix();
-    } else {
-      c.y.set_zero();
-    }
+    const auto xm = c.gate.x.matrix();
+    auto routed = c.routed_x.matrix();
+    run_experts(
+        c.expert_offset, p.has_shared() ? tokens * cfg.n_shared_experts : 0,
+        [&](int64_t e, int64_t begin, int64_t end) {
+          for (int64_t slot = begin; slot < end; ++slot) routed.row(slot) = xm.row(c.choice_of[slot] / k);
+          const auto& out = forward(p.experts[e], c.routed_x.view().slice(0, begin, end), c.expert_caches[e]);
+          c.routed_y.view().slice(0, begin, end).matrix() = out.matrix();
+        },
+        [&] { c.y.matrix() = forward(p.shared_experts, x, c.shared).matrix(); });
+    if (!p.has_shared()) c.y.set_zero();
     combine(c, c.y);
     c.aux_loss = cfg.aux_loss_alpha > 0.0 ? balance_loss(cfg, c, /*with_gradient=*/false) : 0.0;
   }
@@ -407,36 +421,30 @@ struct MoeImpl<Cpu> {
     const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok;
     const auto dy_m = dy.matrix();
 
-    // Per slot: d routed_y = w * dy[token], and dw = dy[token] . routed_y.
+    // Experts: each first takes, per slot of its slice, d routed_y = w * dy[token] and
+    // dw = dy[token] . routed_y, then runs its backward, d routed_x landing in d_routed's
+    // place; the shared experts' backward gives dx its first term.
     c.dweight.resize(Shape{tokens, k});
     c.d_routed.resize(c.routed_y.shape());
-    {
-      auto dr = c.d_routed.matrix();
-      const auto ry = c.routed_y.matrix();
-      parallel_for(tokens, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n)
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t slot = c.slot_of[n * k + j];
-            dr.row(slot) = c.topk_weight.data()[n * k + j] * dy_m.row(n);
-            c.dweight.data()[n * k + j] = dy_m.row(n).dot(ry.row(slot));
-          }
-      }, min_items_per_thread(k * cfg.dim));
-    }
-
-    // Experts: each backward over its slice; d routed_x lands in d_routed's place.
-    for_each_expert(c.expert_offset, [&](int64_t e, int64_t begin, int64_t end) {
-      auto slice = c.d_routed.view().slice(0, begin, end);
-      const auto& dxe = backward(p.experts[e], c.expert_caches[e], slice, grads.experts[e]);
-      slice.matrix() = dxe.matrix();
-    });
-
-    // dx = shared backward + per token, in slot order, the routed input gradients + gate path.
     c.dx.resize(c.y.shape());
-    if (p.has_shared()) {
-      c.dx = backward(p.shared_experts, c.shared, dy, grads.shared_experts);
-    } else {
-      c.dx.set_zero();
-    }
+    auto dr = c.d_routed.matrix();
+    const auto ry = c.routed_y.matrix();
+    run_experts(
+        c.expert_offset, p.has_shared() ? tokens * cfg.n_shared_experts : 0,
+        [&](int64_t e, int64_t begin, int64_t end) {
+          for (int64_t slot = begin; slot < end; ++slot) {
+            const int64_t choice = c.choice_of[slot];
+            dr.row(slot) = c.topk_weight.data()[choice] * dy_m.row(choice / k);
+            c.dweight.data()[choice] = dy_m.row(choice / k).dot(ry.row(slot));
+          }
+          auto slice = c.d_routed.view().slice(0, begin, end);
+          const auto& dxe = backward(p.experts[e], c.expert_caches[e], slice, grads.experts[e]);
+          slice.matrix() = dxe.matrix();
+        },
+        [&] { c.dx.matrix() = backward(p.shared_experts, c.shared, dy, grads.shared_experts).matrix(); });
+    if (!p.has_shared()) c.dx.set_zero();
+
+    // dx += per token, in slot order, the routed input gradients; then the gate path.
     {
       auto dxm = c.dx.matrix();
       const auto dr = c.d_routed.matrix();

@@ -315,8 +315,8 @@ inline __mmask16 tail_mask(int64_t cols) { return cols >= 16 ? __mmask16(0xFFFF)
 // there is often cold (a weight gradient accumulated once per step), and with a short kc
 // its loads would otherwise stall the tile.
 template <int NV>
-inline void micro_tile(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, int64_t rows, int64_t cols,
-                       bool load_c, const float* c_next) {
+inline void micro_tile(int64_t kc, const float* ap, int64_t lda, const float* bp, float* c, int64_t ldc, int64_t rows,
+                       int64_t cols, bool load_c, const float* c_next) {
   __m512 acc[kMr][NV];
   __mmask16 mask[NV];
 #pragma GCC unroll 4
@@ -334,7 +334,7 @@ inline void micro_tile(int64_t kc, const float* ap, const float* bp, float* c, i
     for (int v = 0; v < NV; ++v) b[v] = _mm512_load_ps(bp + k * kNr + 16 * v);
 #pragma GCC unroll 6
     for (int r = 0; r < kMr; ++r) {
-      const __m512 a = _mm512_set1_ps(ap[r * kc + k]);
+      const __m512 a = _mm512_set1_ps(ap[r * lda + k]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
     }
@@ -347,22 +347,22 @@ inline void micro_tile(int64_t kc, const float* ap, const float* bp, float* c, i
   }
 }
 
-inline void macro_tile(int64_t m, int64_t n, int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc,
-                       bool load_c) {
+inline void macro_tile(int64_t m, int64_t n, int64_t kc, const float* ap, int64_t lda, const float* bp, float* c,
+                       int64_t ldc, bool load_c) {
   for (int64_t q = 0; q < n; q += kNr) {
     const int64_t cols = std::min<int64_t>(kNr, n - q);
     const float* bq = bp + q * kc;
     for (int64_t p = 0; p < m; p += kMr) {
       const int64_t rows = std::min<int64_t>(kMr, m - p);
-      const float* a = ap + p * kc;
+      const float* a = ap + p * lda;
       float* ct = c + p * ldc + q;
       // The next tile down, or the top of the next column panel (prefetches never fault).
       const float* next = p + kMr < m ? ct + kMr * ldc : c + q + kNr;
       switch ((cols + 15) / 16) {
-        case 4: micro_tile<4>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
-        case 3: micro_tile<3>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
-        case 2: micro_tile<2>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
-        default: micro_tile<1>(kc, a, bq, ct, ldc, rows, cols, load_c, next); break;
+        case 4: micro_tile<4>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
+        case 3: micro_tile<3>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
+        case 2: micro_tile<2>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
+        default: micro_tile<1>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
       }
     }
   }
@@ -389,8 +389,17 @@ inline void sgemm_block(const StridedMatrix& a, const StridedMatrix& b, float* c
       pack_b(b, k0, kc, j0 + jc, nc, buf.b);
       for (int64_t ic = 0; ic < m; ic += kMc) {
         const int64_t mc = std::min(kMc, m - ic);
-        pack_a(a, i0 + ic, mc, k0, kc, buf.a);
-        macro_tile(mc, nc, kc, buf.a, buf.b, c + (i0 + ic) * ldc + j0 + jc, ldc, accumulate || k0 > 0);
+        float* const c_block = c + (i0 + ic) * ldc + j0 + jc;
+        const bool load_c = accumulate || k0 > 0;
+        // Rows of A with unit stride are register tiles as they stand: only a tail of fewer
+        // than kMr rows, which the tile would read past, is packed (with its zero rows).
+        const int64_t direct = a.col_stride == 1 ? mc / kMr * kMr : 0;
+        if (direct > 0)
+          macro_tile(direct, nc, kc, a.data + (i0 + ic) * a.row_stride + k0, a.row_stride, buf.b, c_block, ldc, load_c);
+        if (direct < mc) {
+          pack_a(a, i0 + ic + direct, mc - direct, k0, kc, buf.a);
+          macro_tile(mc - direct, nc, kc, buf.a, kc, buf.b, c_block + direct * ldc, ldc, load_c);
+        }
       }
     }
   }

@@ -388,10 +388,13 @@ struct LinearImpl<Cuda> {
   }
 
   template <class T>
-  static void backward(const Linear<T, Cuda>& p, LinearCache<T, Cuda>& c, ConstView<T, Cuda> dy, Linear<T, Cuda>& g) {
-    c.dx.resize(c.x.shape());
-    cuda_gemm<T>(dy, p.weight, c.dx);
-    cuda_gemm<T>(dy, c.x, g.weight, {.transpose_a = true, .accumulate = true});
+  static void input_grad(const Linear<T, Cuda>& p, ConstView<T, Cuda> dy, MutableView<T, Cuda> dx, bool accumulate) {
+    cuda_gemm<T>(dy, p.weight, dx, {.accumulate = accumulate});
+  }
+
+  template <class T>
+  static void weight_grad(const Linear<T, Cuda>& p, ConstView<T, Cuda> x, ConstView<T, Cuda> dy, Linear<T, Cuda>& g) {
+    cuda_gemm<T>(dy, x, g.weight, {.transpose_a = true, .accumulate = true});
     if (!p.has_bias()) return;
     const dense_detail::DeviceMatrix dym = dense_detail::device_matrix<T>(dy, "linear.backward", "dy");
     dense_detail::add_column_sums(dense_detail::MatrixElement<T>{dy.data(), dym.ld}, dym.rows, dym.cols, g.bias.data(),

@@ -6,7 +6,7 @@
 //
 // Legend: M rows (tokens), D model dim, H hidden dim. The products are the Linear layers'
 // (cuBLASLt through cuda_gemm, r1/cuda/linear.cuh); this file adds the elementwise SwiGLU
-// kernels over [M, H] and the dx sum, for T = float or r1::bf16 (fp32 arithmetic).
+// kernels over [M, H], for T = float or r1::bf16 (fp32 arithmetic).
 #pragma once
 
 #include "tensor.cuh"
@@ -39,13 +39,6 @@ __global__ void swiglu_backward_kernel(const T* a, const T* b, const T* dh, T* d
   }
 }
 
-template <class T>
-__global__ void add_kernel(const T* a, const T* b, T* sum, int64_t n) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    sum[i] = store<T>(load(a[i]) + load(b[i]));
-}
-
 }  // namespace dense_detail
 
 template <>
@@ -53,33 +46,23 @@ struct MlpImpl<Cuda> {
   // h = silu(a) * b, with a and b the gate and up projections' outputs.
   template <class T>
   static void gate(MlpCache<T, Cuda>& c) {
-    const int64_t n = c.h.numel();
+    const int64_t n = c.down.x.numel();
     if (n == 0) return;
-    dense_detail::swiglu_kernel<<<cuda_blocks(n), 256, 0, cuda_stream()>>>(c.gate.y.data(), c.up.y.data(), c.h.data(), n);
+    dense_detail::swiglu_kernel<<<cuda_blocks(n), 256, 0, cuda_stream()>>>(c.gate.y.data(), c.up.y.data(), c.down.x.data(), n);
     R1_CUDA_CHECK_LAUNCH("mlp.forward");
   }
 
   // dgate = dh * b * silu'(a), dup = dh * silu(a), with dh the down projection's dx.
   template <class T>
   static void gate_backward(MlpCache<T, Cuda>& c) {
-    const int64_t n = c.h.numel();
-    R1_CHECK(c.down.dx.numel() == n, "[mlp.backward] dh has shape ", c.down.dx.shape(), ", expected ", c.h.shape());
+    const int64_t n = c.down.x.numel();
+    R1_CHECK(c.down.dx.numel() == n, "[mlp.backward] dh has shape ", c.down.dx.shape(), ", expected ", c.down.x.shape());
     if (n == 0) return;
     dense_detail::swiglu_backward_kernel<<<cuda_blocks(n), 256, 0, cuda_stream()>>>(
         c.gate.y.data(), c.up.y.data(), c.down.dx.data(), c.dgate.data(), c.dup.data(), n);
     R1_CUDA_CHECK_LAUNCH("mlp.backward");
   }
 
-  // dx = dx_gate + dx_up: the two input gradients, da W1 and db W3.
-  template <class T>
-  static void add(const Tensor<T, Cuda>& dx_gate, const Tensor<T, Cuda>& dx_up, Tensor<T, Cuda>& dx) {
-    R1_CHECK(dx_up.shape() == dx_gate.shape() && dx.shape() == dx_gate.shape(), "[mlp.backward] cannot add ",
-             dx_gate.shape(), " and ", dx_up.shape(), " into ", dx.shape());
-    const int64_t n = dx.numel();
-    if (n == 0) return;
-    dense_detail::add_kernel<<<cuda_blocks(n), 256, 0, cuda_stream()>>>(dx_gate.data(), dx_up.data(), dx.data(), n);
-    R1_CUDA_CHECK_LAUNCH("mlp.backward");
-  }
 };
 
 }  // namespace r1
