@@ -7,7 +7,9 @@
 //                      step loads 4 vectors of B and broadcasts 6 values of A
 //      packing         B in panels of 64 columns, k-major (bp[k * 64 + c]); A in panels
 //                      of 6 rows, row-major (ap[r * kc + k]); zero-padded at the edges,
-//                      column tails stored with masks
+//                      column tails stored with masks. A with unit column stride (x in
+//                      y = x W^T, dy in dx = dy W) is read in place, with its own row
+//                      stride; only a tail of fewer than 6 rows is packed
 //      blocking        K in blocks of kKc = 256, A rows in blocks of kMc, B columns in
 //                      blocks of kNc; packing buffers are per thread and allocated once
 //    Every element of C is one running sum over k in increasing order (FMA, block after
