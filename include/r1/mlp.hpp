@@ -99,19 +99,34 @@ struct MlpImpl<Cpu> {
 
 };
 
+// The forward on the input the caller has already written into c.gate.x ([M, D]), with no
+// copy of it: the MoE gathers each expert's tokens straight there.
 template <class T, class Dev>
-const Tensor<T, Dev>& forward(const Mlp<T, Dev>& p, ConstView<T, Dev> x, MlpCache<T, Dev>& c) {
+const Tensor<T, Dev>& forward_on_cached_input(const Mlp<T, Dev>& p, MlpCache<T, Dev>& c) {
   R1_CHECK(p.w2.in_features() == p.hidden() && p.w2.out_features() == p.dim() && p.w3.weight.shape() == p.w1.weight.shape(),
            "[mlp.forward] inconsistent weights: gate_proj ", p.w1.weight.shape(), ", up_proj ", p.w3.weight.shape(),
            ", down_proj ", p.w2.weight.shape());
-  forward(p.w1, x, c.gate);
-  c.up.y.resize(c.gate.y.shape());
-  LinearImpl<Dev>::affine(c.gate.x, p.w3, c.up.y);
-  c.down.x.resize(c.gate.y.shape());
+  const Tensor<T, Dev>& x = c.gate.x;
+  R1_CHECK(x.rank() >= 1 && x.size(x.rank() - 1) == p.dim(), "[mlp.forward] x has shape ", x.shape(), ", expected last dim ",
+           p.dim());
+  Shape hidden = x.shape();
+  hidden.dims[hidden.rank - 1] = p.hidden();
+  c.gate.y.resize(hidden);
+  LinearImpl<Dev>::affine(x, p.w1, c.gate.y);
+  c.up.y.resize(hidden);
+  LinearImpl<Dev>::affine(x, p.w3, c.up.y);
+  c.down.x.resize(hidden);
   MlpImpl<Dev>::gate(c);
   c.down.y.resize(x.shape());
   LinearImpl<Dev>::affine(c.down.x, p.w2, c.down.y);
   return c.down.y;
+}
+
+template <class T, class Dev>
+const Tensor<T, Dev>& forward(const Mlp<T, Dev>& p, ConstView<T, Dev> x, MlpCache<T, Dev>& c) {
+  c.gate.x.resize(x.shape());
+  copy(x, c.gate.x.view());
+  return forward_on_cached_input(p, c);
 }
 
 template <class T, class Dev>

@@ -147,8 +147,7 @@ struct MoeCache {
   std::vector<int64_t> expert_offset;  // [E + 1]: expert e owns sorted slots [offset[e], offset[e+1])
   std::vector<int64_t> slot_of;      // [N*k]: (token n, choice j) -> its sorted slot
   std::vector<int64_t> choice_of;    // [N*k]: sorted slot -> n*k + j (its token is n)
-  Tensor<T, Dev> routed_x, routed_y;   // [N*k, D] in sorted order
-  std::vector<MlpCache<T, Dev>> expert_caches;
+  std::vector<MlpCache<T, Dev>> expert_caches;  // expert e's input, output and dx: its slots' rows, in order
   MlpCache<T, Dev> shared;
   Tensor<T, Dev> y, dx, d_routed, dweight, dscores, dlogits;
   int64_t sequences = 1;             // B: rows of x[B, S, D] for the sequence-wise loss
@@ -257,15 +256,26 @@ struct MoeImpl<Cpu> {
     }
   }
 
-  // y[n] += sum_j w[n,j] * routed_y[slot(n,j)], in j order.
+  // The row of `rows_of(e)` (an expert's [slots of e, D] tensor in its cache) that holds
+  // choice i = n*k + j: expert e = idx[i] keeps its slots in sorted order from offset[e].
+  template <class T, class RowsOf>
+  static auto slot_row(const MoeCache<T, Cpu>& c, int64_t choice, RowsOf&& rows_of) {
+    const int32_t e = c.topk_idx.data()[choice];
+    const Tensor<T>& rows = rows_of(c.expert_caches[e]);
+    const int64_t width = rows.size(1);
+    return Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(rows.data() + (c.slot_of[choice] - c.expert_offset[e]) * width,
+                                                                 width);
+  }
+
+  // y[n] += sum_j w[n,j] * Expert_{idx_j}(x[n]), in j order.
   template <class T>
   static void combine(const MoeCache<T, Cpu>& c, Tensor<T>& y) {
-    const auto ry = c.routed_y.matrix();
     auto ym = y.matrix();
     const int64_t k = c.topk_idx.size(1);
+    const auto output = [](const MlpCache<T, Cpu>& e) -> const Tensor<T>& { return e.down.y; };
     parallel_for(ym.rows(), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n)
-        for (int64_t j = 0; j < k; ++j) ym.row(n) += c.topk_weight.data()[n * k + j] * ry.row(c.slot_of[n * k + j]);
+        for (int64_t j = 0; j < k; ++j) ym.row(n) += c.topk_weight.data()[n * k + j] * slot_row(c, n * k + j, output);
     }, min_items_per_thread(k * ym.cols()));
   }
 
@@ -395,19 +405,19 @@ struct MoeImpl<Cpu> {
     route(p, c);
     sort_slots(cfg, c);
 
-    // Each expert gathers its own tokens (on its thread, just before it reads them).
-    c.routed_x.resize(Shape{tokens * k, cfg.dim});
-    c.routed_y.resize(Shape{tokens * k, cfg.dim});
+    // Each expert gathers its own tokens straight into its cache (on its thread, just before
+    // it reads them) and leaves its output there for combine.
     c.expert_caches.resize(p.experts.size());
     c.y.resize(x.shape());
     const auto xm = c.gate.x.matrix();
-    auto routed = c.routed_x.matrix();
     run_experts(
         c.expert_offset, p.has_shared() ? tokens * cfg.n_shared_experts : 0,
         [&](int64_t e, int64_t begin, int64_t end) {
-          for (int64_t slot = begin; slot < end; ++slot) routed.row(slot) = xm.row(c.choice_of[slot] / k);
-          const auto& out = forward(p.experts[e], c.routed_x.view().slice(0, begin, end), c.expert_caches[e]);
-          c.routed_y.view().slice(0, begin, end).matrix() = out.matrix();
+          MlpCache<T, Cpu>& ec = c.expert_caches[e];
+          ec.gate.x.resize(Shape{end - begin, cfg.dim});
+          auto routed = ec.gate.x.matrix();
+          for (int64_t slot = begin; slot < end; ++slot) routed.row(slot - begin) = xm.row(c.choice_of[slot] / k);
+          forward_on_cached_input(p.experts[e], ec);
         },
         [&] { c.y.matrix() = forward(p.shared_experts, x, c.shared).matrix(); });
     if (!p.has_shared()) c.y.set_zero();
@@ -421,36 +431,35 @@ struct MoeImpl<Cpu> {
     const int64_t tokens = c.topk_idx.size(0), k = cfg.num_experts_per_tok;
     const auto dy_m = dy.matrix();
 
-    // Experts: each first takes, per slot of its slice, d routed_y = w * dy[token] and
-    // dw = dy[token] . routed_y, then runs its backward, d routed_x landing in d_routed's
-    // place; the shared experts' backward gives dx its first term.
+    // Experts: each first takes, per slot of its slice, the gradient of its output row,
+    // w * dy[token], and dw = dy[token] . output row, then runs its backward, which leaves
+    // the rows' input gradients in its cache; the shared experts' backward gives dx its
+    // first term.
     c.dweight.resize(Shape{tokens, k});
-    c.d_routed.resize(c.routed_y.shape());
+    c.d_routed.resize(Shape{tokens * k, cfg.dim});
     c.dx.resize(c.y.shape());
     auto dr = c.d_routed.matrix();
-    const auto ry = c.routed_y.matrix();
     run_experts(
         c.expert_offset, p.has_shared() ? tokens * cfg.n_shared_experts : 0,
         [&](int64_t e, int64_t begin, int64_t end) {
+          const auto out = c.expert_caches[e].down.y.matrix();
           for (int64_t slot = begin; slot < end; ++slot) {
             const int64_t choice = c.choice_of[slot];
             dr.row(slot) = c.topk_weight.data()[choice] * dy_m.row(choice / k);
-            c.dweight.data()[choice] = dy_m.row(choice / k).dot(ry.row(slot));
+            c.dweight.data()[choice] = dy_m.row(choice / k).dot(out.row(slot - begin));
           }
-          auto slice = c.d_routed.view().slice(0, begin, end);
-          const auto& dxe = backward(p.experts[e], c.expert_caches[e], slice, grads.experts[e]);
-          slice.matrix() = dxe.matrix();
+          backward(p.experts[e], c.expert_caches[e], c.d_routed.view().slice(0, begin, end), grads.experts[e]);
         },
         [&] { c.dx.matrix() = backward(p.shared_experts, c.shared, dy, grads.shared_experts).matrix(); });
     if (!p.has_shared()) c.dx.set_zero();
 
-    // dx += per token, in slot order, the routed input gradients; then the gate path.
+    // dx += per token, in j order, the routed input gradients; then the gate path.
     {
       auto dxm = c.dx.matrix();
-      const auto dr = c.d_routed.matrix();
+      const auto input_grad = [](const MlpCache<T, Cpu>& e) -> const Tensor<T>& { return e.dx; };
       parallel_for(tokens, [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n)
-          for (int64_t j = 0; j < k; ++j) dxm.row(n) += dr.row(c.slot_of[n * k + j]);
+          for (int64_t j = 0; j < k; ++j) dxm.row(n) += slot_row(c, n * k + j, input_grad);
       }, min_items_per_thread(k * dxm.cols()));
     }
 
