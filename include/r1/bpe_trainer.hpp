@@ -76,13 +76,13 @@ namespace r1 {
 struct BpeTrainerConfig {
   int64_t vocab_size = 1024;                // special tokens + 256 byte tokens + learned tokens
   int64_t min_frequency = 2;                // a pair seen fewer times is not merged
-  std::vector<std::string> special_tokens;  // ids 0.. in this order; never merged across
+  std::vector<std::string> special_tokens{};  // ids 0.. in this order; never merged across
   // The written file's pre-tokenizer, also used to cut the corpus into words:
   //   "deepseek_v3"  DeepSeek-V3's three Splits (\p{N}{1,3}, CJK/kana, words) + ByteLevel(use_regex=false)
   //   "gpt2"         ByteLevel(use_regex=true): GPT-2's pattern
   //   "{...}"        any HF pre_tokenizer object that r1::PreTokenizer runs
   std::string pre_tokenizer = "deepseek_v3";
-  std::optional<std::string> bos_token;  // one of special_tokens: a TemplateProcessing post-processor prepends it
+  std::optional<std::string> bos_token{};  // one of special_tokens: a TemplateProcessing post-processor prepends it
 };
 
 namespace detail::bpe {

@@ -109,12 +109,14 @@ int32_t sample(View<const T, Dev> logits, const SamplingConfig& config, Rng& rng
   return SampleImpl<Dev>::sample(logits, config, rng, w);
 }
 
+// Every member has an initializer, so designated initializers such as
+// {.max_new_tokens = 64} that leave some out compile cleanly under -Wextra.
 struct GenerationConfig {
   int64_t max_new_tokens = 128;
-  SamplingConfig sampling;
+  SamplingConfig sampling{};
   uint64_t seed = 0;
-  std::vector<int32_t> stop_tokens;  // e.g. the tokenizer's EOS; the stop token is kept in the output
-  int64_t block_size = 64;           // of the paged latent cache
+  std::vector<int32_t> stop_tokens{};  // e.g. the tokenizer's EOS; the stop token is kept in the output
+  int64_t block_size = 64;             // of the paged latent cache
 };
 
 enum class FinishReason { Stop, Length };

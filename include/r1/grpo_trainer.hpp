@@ -53,9 +53,9 @@ struct GrpoTrainerConfig {
   int64_t group_size = 8;          // G (TRL's num_generations; R1-Zero: 16)
   int64_t max_new_tokens = 64;     // completion length limit
   SamplingConfig sampling{};       // temperature 1 (TRL, R1-Zero); log-probs use the same temperature
-  std::vector<int32_t> stop_tokens;
-  GrpoLoss loss;                   // loss type, clipping, beta, num_iterations (grpo.hpp)
-  AdvantageConfig advantages;
+  std::vector<int32_t> stop_tokens{};
+  GrpoLoss loss{};                 // loss type, clipping, beta, num_iterations (grpo.hpp)
+  AdvantageConfig advantages{};
   int64_t minibatches = 1;         // optimizer steps per pass over the rollouts
   int64_t ref_reset_every = 0;     // steps; 0: the reference stays the initial policy
   bool dynamic_sampling = false;   // drop groups with all-equal rewards and refill (DAPO)
@@ -63,7 +63,7 @@ struct GrpoTrainerConfig {
   AdamWConfig adamw{.lr = 1e-5, .beta1 = 0.9, .beta2 = 0.99, .eps = 1e-8, .weight_decay = 0.0};
   double clip_grad_norm = 1.0;     // 0: none
   int64_t total_steps = 0;         // for the progress bar only
-  std::filesystem::path metrics_file;  // JSON lines, appended; empty: none
+  std::filesystem::path metrics_file{};  // JSON lines, appended; empty: none
   std::ostream* progress = nullptr;
 
   void validate() const {

@@ -74,7 +74,7 @@ struct MlaConfig {
   int64_t v_head_dim = 0;           // V
   double rms_norm_eps = 1e-6;
   int64_t max_position_embeddings = 4096;
-  RopeConfig rope;  // theta, style (rope_interleave), YaRN; its dim is set to qk_rope_head_dim
+  RopeConfig rope{};  // theta, style (rope_interleave), YaRN; its dim is set to qk_rope_head_dim
 
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
 

@@ -89,12 +89,12 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   double rope_theta = 10000.0;
   bool rope_interleave = true;        // DeepSeek's own layout (HF's default for V3)
-  std::optional<RopeConfig> rope_scaling;  // YaRN: factor, beta_fast/slow, mscale(_all_dim), original_max
+  std::optional<RopeConfig> rope_scaling{};  // YaRN: factor, beta_fast/slow, mscale(_all_dim), original_max
   int64_t max_position_embeddings = 4096;
   bool tie_word_embeddings = false;
   int64_t num_nextn_predict_layers = 0;
   double initializer_range = 0.02;
-  std::optional<int64_t> bos_token_id, eos_token_id;
+  std::optional<int64_t> bos_token_id{}, eos_token_id{};
   // quantization_config {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}:
   // the linear weights of the checkpoint are FP8 with block scales.
   bool fp8_weights = false;

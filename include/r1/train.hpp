@@ -51,8 +51,8 @@ struct TrainConfig {
   double min_lr = 0.0;              // cosine decay from adamw.lr to min_lr
   double clip_grad_norm = 1.0;      // 0: no clipping
   double bias_update_rate = 0.001;  // gamma of the aux-loss-free balancing; 0: off
-  LanguageModelLoss loss;
-  std::filesystem::path metrics_file;  // JSON lines, appended; empty: none
+  LanguageModelLoss loss{};
+  std::filesystem::path metrics_file{};  // JSON lines, appended; empty: none
   std::ostream* progress = nullptr;    // progress bar target; nullptr: none
 
   void validate() const {
