@@ -6,6 +6,11 @@
 
 #include "support.hpp"
 
+#include <algorithm>
+#include <limits>
+#include <numeric>
+#include <random>
+
 using r1::Moe;
 using r1::MoeCache;
 using r1::MoeConfig;
@@ -161,6 +166,59 @@ TEST_CASE("moe routing: ties go to the lower expert; groups are respected", "[mo
   REQUIRE(stats.tokens_per_expert == std::vector<int64_t>{0, 0, 0, 0, 5, 5});  // experts 0-3 get nothing
   REQUIRE(stats.max_over_mean_load == Approx(3.0));
   REQUIRE(stats.group_fraction == std::vector<double>{0.0, 0.0, 1.0});
+}
+
+// The routing's insertion top-k against whole stable sorts, on scores drawn from a few
+// levels so that most comparisons tie.
+static std::vector<int32_t> sorted_route(const MoeConfig& cfg, const std::vector<double>& choice) {
+  const auto by_value = [](const std::vector<double>& v) {
+    std::vector<int32_t> order(v.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return v[a] > v[b]; });
+    return order;
+  };
+  std::vector<double> masked = choice;
+  if (cfg.topk_method != r1::TopkMethod::Greedy) {
+    const int64_t size = cfg.n_routed_experts / cfg.n_group;
+    std::vector<double> group_score;
+    for (int64_t g = 0; g < cfg.n_group; ++g) {
+      const std::vector<double> members(choice.begin() + g * size, choice.begin() + (g + 1) * size);
+      const auto order = by_value(members);
+      group_score.push_back(cfg.topk_method == r1::TopkMethod::NoAuxTc ? members[order[0]] + members[order[1]] : members[order[0]]);
+    }
+    const auto groups = by_value(group_score);
+    for (int64_t e = 0; e < cfg.n_routed_experts; ++e)
+      if (std::find(groups.begin(), groups.begin() + cfg.topk_group, e / size) == groups.begin() + cfg.topk_group)
+        masked[e] = -std::numeric_limits<double>::infinity();
+  }
+  auto order = by_value(masked);
+  order.resize(static_cast<std::size_t>(cfg.num_experts_per_tok));
+  return order;
+}
+
+TEST_CASE("moe routing equals a full stable sort, ties everywhere", "[moe]") {
+  std::mt19937 rng(52);
+  std::uniform_int_distribution<int> level(0, 3);
+  for (const auto method : {r1::TopkMethod::Greedy, r1::TopkMethod::GroupLimitedGreedy, r1::TopkMethod::NoAuxTc}) {
+    MoeConfig cfg{.dim = 4, .n_routed_experts = 16, .moe_intermediate_size = 2, .num_experts_per_tok = 5,
+                  .topk_method = method, .n_group = 4, .topk_group = 2};
+    Moe<double> moe(cfg);
+    for (int64_t e = 0; e < 16; ++e) moe.e_score_correction_bias(e) = 0.25 * level(rng);
+    MoeCache<double> cache;
+    const int64_t tokens = 64;
+    cache.scores = Tensor<double>(Shape{tokens, 16});
+    for (int64_t i = 0; i < cache.scores.numel(); ++i) cache.scores.data()[i] = 0.25 * level(rng);
+    cache.topk_idx.resize(Shape{tokens, 5});
+    cache.topk_weight.resize(Shape{tokens, 5});
+    r1::MoeImpl<r1::Cpu>::route(moe, cache);
+    for (int64_t n = 0; n < tokens; ++n) {
+      std::vector<double> choice(16);
+      for (int64_t e = 0; e < 16; ++e)
+        choice[e] = cache.scores(n, e) + (method == r1::TopkMethod::NoAuxTc ? moe.e_score_correction_bias(e) : 0.0);
+      const auto expected = sorted_route(cfg, choice);
+      for (int64_t j = 0; j < 5; ++j) REQUIRE(cache.topk_idx(n, j) == expected[j]);
+    }
+  }
 }
 
 TEST_CASE("moe edge cases: one token, every token on one expert, topk equal to the experts", "[moe]") {

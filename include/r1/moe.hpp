@@ -180,18 +180,21 @@ struct MoeImpl<Cpu> {
           s.row(n) = (e / e.sum()).matrix();
         }
       }
-    }, min_items_per_thread(8 * l.cols()));
+    }, min_items_per_thread(64 * l.cols()));  // a scalar exp costs about as much as 64 vector multiply-adds
   }
 
-  // Indices of the k largest values, best first; ties go to the lower index.
-  template <class V>
-  static void top_k(const V& values, int64_t k, std::vector<int32_t>& order) {
-    order.resize(static_cast<std::size_t>(values.size()));
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-      return values[a] > values[b] || (values[a] == values[b] && a < b);
-    });
-    order.resize(static_cast<std::size_t>(k));
+  // best[0, k) = indices of the k largest of values[0, n), best first; ties go to the lower
+  // index. Insertion into the sorted best k, which at a few dozen experts or groups per token
+  // costs a fraction of a sort. A NaN never displaces a value (it only fills a free place).
+  static void top_k(const double* values, int64_t n, int64_t k, int32_t* best) {
+    int64_t filled = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = values[i];
+      if (filled == k && !(v > values[best[k - 1]])) continue;
+      int64_t place = filled < k ? filled++ : k - 1;
+      for (; place > 0 && v > values[best[place - 1]]; --place) best[place] = best[place - 1];
+      best[place] = static_cast<int32_t>(i);
+    }
   }
 
   template <class T>
@@ -205,37 +208,34 @@ struct MoeImpl<Cpu> {
     auto w = c.topk_weight.view();
     parallel_for(tokens, [&](int64_t begin, int64_t end) {
       std::vector<double> choice(static_cast<std::size_t>(experts)), group_score(static_cast<std::size_t>(cfg.n_group));
-      std::vector<int32_t> order, top2;
+      std::vector<int32_t> best(static_cast<std::size_t>(std::max(k, cfg.topk_group)));
+      std::vector<char> kept(static_cast<std::size_t>(cfg.n_group));
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t e = 0; e < experts; ++e)
           choice[e] = static_cast<double>(s(n, e)) + (use_bias ? static_cast<double>(p.e_score_correction_bias.data()[e]) : 0.0);
         if (cfg.topk_method != TopkMethod::Greedy) {
           for (int64_t g = 0; g < cfg.n_group; ++g) {
-            const auto members = Eigen::Map<const Eigen::VectorXd>(choice.data() + g * group_size, group_size);
-            if (use_bias) {
-              top_k(members, 2, top2);
-              group_score[g] = members[top2[0]] + members[top2[1]];
-            } else {
-              group_score[g] = members.maxCoeff();
-            }
+            const double* members = choice.data() + g * group_size;
+            top_k(members, group_size, use_bias ? 2 : 1, best.data());
+            group_score[g] = use_bias ? members[best[0]] + members[best[1]] : members[best[0]];
           }
-          top_k(group_score, cfg.topk_group, order);
-          std::vector<bool> kept(static_cast<std::size_t>(cfg.n_group), false);
-          for (int32_t g : order) kept[g] = true;
+          top_k(group_score.data(), cfg.n_group, cfg.topk_group, best.data());
+          std::fill(kept.begin(), kept.end(), 0);
+          for (int64_t i = 0; i < cfg.topk_group; ++i) kept[best[i]] = 1;
           for (int64_t e = 0; e < experts; ++e)
             if (!kept[e / group_size]) choice[e] = -std::numeric_limits<double>::infinity();
         }
-        top_k(choice, k, order);
+        top_k(choice.data(), experts, k, best.data());
         T total = 0;
         for (int64_t j = 0; j < k; ++j) {
-          idx(n, j) = order[j];
-          w(n, j) = s(n, order[j]);
+          idx(n, j) = best[j];
+          w(n, j) = s(n, best[j]);
           total += w(n, j);
         }
         const T norm = cfg.norm_topk_prob ? T(1) / (total + T(1e-20)) : T(1);
         for (int64_t j = 0; j < k; ++j) w(n, j) *= norm * static_cast<T>(cfg.routed_scaling_factor);
       }
-    }, min_items_per_thread(8 * experts));
+    }, min_items_per_thread(256 * experts));  // compares and branches, not vector work
   }
 
   // Counting sort of the N*k slots by expert, stable in token order.
