@@ -199,24 +199,25 @@ static std::vector<int32_t> sorted_route(const MoeConfig& cfg, const std::vector
 TEST_CASE("moe routing equals a full stable sort, ties everywhere", "[moe]") {
   std::mt19937 rng(52);
   std::uniform_int_distribution<int> level(0, 3);
-  for (const auto method : {r1::TopkMethod::Greedy, r1::TopkMethod::GroupLimitedGreedy, r1::TopkMethod::NoAuxTc}) {
-    MoeConfig cfg{.dim = 4, .n_routed_experts = 16, .moe_intermediate_size = 2, .num_experts_per_tok = 5,
-                  .topk_method = method, .n_group = 4, .topk_group = 2};
+  for (const auto method : {r1::TopkMethod::Greedy, r1::TopkMethod::GroupLimitedGreedy, r1::TopkMethod::NoAuxTc})
+  for (const int64_t k : {int64_t{1}, int64_t{5}}) {
+    MoeConfig cfg{.dim = 4, .n_routed_experts = 16, .moe_intermediate_size = 2, .num_experts_per_tok = k,
+                  .topk_method = method, .n_group = 4, .topk_group = k == 1 ? 1 : 2};
     Moe<double> moe(cfg);
     for (int64_t e = 0; e < 16; ++e) moe.e_score_correction_bias(e) = 0.25 * level(rng);
     MoeCache<double> cache;
     const int64_t tokens = 64;
     cache.scores = Tensor<double>(Shape{tokens, 16});
     for (int64_t i = 0; i < cache.scores.numel(); ++i) cache.scores.data()[i] = 0.25 * level(rng);
-    cache.topk_idx.resize(Shape{tokens, 5});
-    cache.topk_weight.resize(Shape{tokens, 5});
+    cache.topk_idx.resize(Shape{tokens, k});
+    cache.topk_weight.resize(Shape{tokens, k});
     r1::MoeImpl<r1::Cpu>::route(moe, cache);
     for (int64_t n = 0; n < tokens; ++n) {
       std::vector<double> choice(16);
       for (int64_t e = 0; e < 16; ++e)
         choice[e] = cache.scores(n, e) + (method == r1::TopkMethod::NoAuxTc ? moe.e_score_correction_bias(e) : 0.0);
       const auto expected = sorted_route(cfg, choice);
-      for (int64_t j = 0; j < 5; ++j) REQUIRE(cache.topk_idx(n, j) == expected[j]);
+      for (int64_t j = 0; j < k; ++j) REQUIRE(cache.topk_idx(n, j) == expected[j]);
     }
   }
 }

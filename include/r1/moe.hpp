@@ -208,7 +208,7 @@ struct MoeImpl<Cpu> {
     auto w = c.topk_weight.view();
     parallel_for(tokens, [&](int64_t begin, int64_t end) {
       std::vector<double> choice(static_cast<std::size_t>(experts)), group_score(static_cast<std::size_t>(cfg.n_group));
-      std::vector<int32_t> best(static_cast<std::size_t>(std::max(k, cfg.topk_group)));
+      std::vector<int32_t> best(static_cast<std::size_t>(std::max({k, cfg.topk_group, int64_t{2}})));  // 2: noaux_tc's group top-2
       std::vector<char> kept(static_cast<std::size_t>(cfg.n_group));
       for (int64_t n = begin; n < end; ++n) {
         for (int64_t e = 0; e < experts; ++e)
