@@ -7,9 +7,48 @@
 #include "support.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
 #include <limits>
 #include <numeric>
 #include <random>
+
+// Every heap allocation of this test binary, counted: malloc and friends are replaced here
+// (the executable's definitions win over glibc's) and forward to glibc's own entry points.
+// free needs no counting and stays glibc's.
+#if defined(__GLIBC__)  // elsewhere the test below is left out
+#define R1_TEST_COUNTS_ALLOCATIONS 1
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+}
+static std::atomic<long> heap_allocations{0};
+extern "C" void* malloc(std::size_t n) noexcept {
+  heap_allocations.fetch_add(1, std::memory_order_relaxed);
+  return __libc_malloc(n);
+}
+extern "C" void* calloc(std::size_t count, std::size_t n) noexcept {
+  heap_allocations.fetch_add(1, std::memory_order_relaxed);
+  return __libc_calloc(count, n);
+}
+extern "C" void* realloc(void* p, std::size_t n) noexcept {
+  heap_allocations.fetch_add(1, std::memory_order_relaxed);
+  return __libc_realloc(p, n);
+}
+extern "C" void* aligned_alloc(std::size_t alignment, std::size_t n) noexcept {
+  heap_allocations.fetch_add(1, std::memory_order_relaxed);
+  return __libc_memalign(alignment, n);
+}
+extern "C" int posix_memalign(void** p, std::size_t alignment, std::size_t n) noexcept {
+  heap_allocations.fetch_add(1, std::memory_order_relaxed);
+  *p = __libc_memalign(alignment, n);
+  return *p != nullptr ? 0 : ENOMEM;
+}
+#else
+#define R1_TEST_COUNTS_ALLOCATIONS 0
+#endif
 
 using r1::Moe;
 using r1::MoeCache;
@@ -294,6 +333,43 @@ TEST_CASE("moe gives bit-identical results on 1 and 2 threads", "[moe][parallel]
   REQUIRE(max_abs_diff(dx[0], dx[1]) == 0.0);
   REQUIRE(max_abs_diff(dgate[0], dgate[1]) == 0.0);
 }
+
+// The layer's buffers live in its cache and are reused once they are large enough, so a
+// warmed-up step allocates a fixed handful of small bookkeeping buffers however many tokens
+// it routes; an allocation per token or per row (an Eigen temporary in a row loop once made
+// thousands per step) fails this.
+#if R1_TEST_COUNTS_ALLOCATIONS
+TEST_CASE("moe forward+backward: allocations per warmed-up step do not grow with the tokens", "[moe][alloc]") {
+  MoeConfig cfg = small_config();
+  cfg.dim = 64;
+  cfg.moe_intermediate_size = 32;
+  cfg.n_routed_experts = 16;
+  cfg.num_experts_per_tok = 4;
+  cfg.n_group = 4;
+  Moe<float> moe(cfg);
+  r1::Rng rng(61);
+  moe.visit([&](const std::string&, Tensor<float>& t) { r1::fill_normal(t.view(), rng, 0.0, 0.3); });
+  auto grads = r1::zeros_like(moe);
+  r1::set_num_threads(2);
+  const auto allocations_per_step = [&](int64_t tokens) {
+    const auto x = r1test::random_tensor<float>(Shape{tokens, cfg.dim}, 62);
+    const auto dy = r1test::random_tensor<float>(Shape{tokens, cfg.dim}, 63);
+    MoeCache<float> cache;
+    for (int warmup = 0; warmup < 2; ++warmup) {
+      r1::forward(moe, x, cache);
+      r1::backward(moe, cache, dy, grads);
+    }
+    const long before = heap_allocations.load();
+    r1::forward(moe, x, cache);
+    r1::backward(moe, cache, dy, grads);
+    return heap_allocations.load() - before;
+  };
+  const long few = allocations_per_step(256), many = allocations_per_step(2048);
+  INFO("256 tokens: " << few << " allocations, 2048 tokens: " << many);
+  REQUIRE(few < 100);
+  REQUIRE(many <= few);
+}
+#endif
 
 TEST_CASE("moe rejects invalid configs and bad input", "[moe][errors]") {
   MoeConfig cfg = small_config();

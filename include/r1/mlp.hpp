@@ -90,9 +90,12 @@ struct MlpImpl<Cpu> {
       for (int64_t m = begin; m < end; ++m) {
         const auto a = a_m.row(m).array();
         const auto dh = dh_m.row(m).array();
-        const auto s = sigmoid(a).eval();
-        dgate.row(m).array() = dh * b_m.row(m).array() * s * (T(1) + a * (T(1) - s));
+        // sigmoid(a) is needed twice: it waits in dgate's row, not in a temporary, which
+        // would be a heap allocation per row (thousands per MoE step).
+        auto s = dgate.row(m).array();
+        s = sigmoid(a);
         dup.row(m).array() = dh * a * s;
+        s = dh * b_m.row(m).array() * s * (T(1) + a * (T(1) - s));
       }
     }, min_items_per_thread(24 * a_m.cols()));
   }

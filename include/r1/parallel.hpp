@@ -29,7 +29,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
-#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -73,8 +72,31 @@ class ThreadPool {
   }
 
   // Runs task(t) for t in [0, threads), t = 0 on the calling thread, and returns when all
-  // have finished. The first exception a task throws is rethrown here.
-  void run(int threads, const std::function<void(int)>& task) {
+  // have finished. The first exception a task throws is rethrown here. The workers only
+  // borrow task, since run waits for them (a std::function would copy it, allocating,
+  // on every call).
+  template <class Task>
+  void run(int threads, const Task& task) {
+    run_borrowed(threads, BorrowedTask{&task, [](const void* f, int t) { (*static_cast<const Task*>(f))(t); }});
+  }
+
+  // True on a pool worker, and on the calling thread while it runs its own share, so that
+  // a parallel_for inside a parallel_for runs inline instead of waiting for itself.
+  static bool& inside_task() {
+    thread_local bool inside = false;
+    return inside;
+  }
+
+ private:
+  struct BorrowedTask {
+    const void* object;
+    void (*call)(const void* object, int index);
+  };
+
+  // About 10 microseconds of polling before a thread sleeps.
+  static constexpr int kSpins = 4000;
+
+  void run_borrowed(int threads, BorrowedTask task) {
     std::lock_guard<std::mutex> serial(run_mutex_);  // one parallel_for at a time per pool
     while (static_cast<int>(workers_.size()) < threads - 1) {
       const int index = static_cast<int>(workers_.size()) + 1;
@@ -82,7 +104,7 @@ class ThreadPool {
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      task_ = &task;
+      task_ = task;
       participants_ = threads;
       error_ = nullptr;
       pending_.store(threads - 1, std::memory_order_relaxed);
@@ -96,28 +118,17 @@ class ThreadPool {
     if (error_) std::rethrow_exception(error_);
   }
 
-  // True on a pool worker, and on the calling thread while it runs its own share, so that
-  // a parallel_for inside a parallel_for runs inline instead of waiting for itself.
-  static bool& inside_task() {
-    thread_local bool inside = false;
-    return inside;
-  }
-
- private:
-  // About 10 microseconds of polling before a thread sleeps.
-  static constexpr int kSpins = 4000;
-
   void execute(int index) {
     inside_task() = true;
 #if defined(__cpp_exceptions)
     try {
-      (*task_)(index);
+      task_.call(task_.object, index);
     } catch (...) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!error_) error_ = std::current_exception();
     }
 #else
-    (*task_)(index);  // without exceptions a failed check ends the program in the task
+    task_.call(task_.object, index);  // without exceptions a failed check ends the program in the task
 #endif
     inside_task() = false;
   }
@@ -144,7 +155,7 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::mutex run_mutex_, mutex_;
   std::condition_variable wake_, done_;
-  const std::function<void(int)>* task_ = nullptr;
+  BorrowedTask task_{};
   int participants_ = 0;
   std::atomic<uint64_t> generation_{0};
   std::atomic<int> pending_{0};
