@@ -118,8 +118,12 @@ TEST_CASE("float gemm (r1's SGEMM on AVX-512) matches float64 for transposes, st
   r1::Rng rng(12);
   // Tails of the 6 x 64 register tile and of the 256-deep K blocks, a single row or column,
   // K = 0 and K = 1; every operand may be transposed; C is a column block of a wider matrix.
+  // Untransposed B with whole vectors of columns is read in place when its rows are close
+  // ({7, 144, 300}: several panels and K blocks, an A tail) and packed when they are not
+  // ({3, 1040, 5}: rows 1042 floats apart).
   const std::array<int64_t, 3> shapes[] = {{1, 1, 1},    {6, 64, 256},  {7, 65, 257}, {5, 17, 3},   {130, 200, 520},
-                                           {64, 48, 512}, {1, 300, 700}, {300, 1, 40}, {40, 9, 0},   {33, 130, 1}};
+                                           {64, 48, 512}, {1, 300, 700}, {300, 1, 40}, {40, 9, 0},   {33, 130, 1},
+                                           {7, 144, 300}, {3, 1040, 5}};
   for (auto [m, n, k] : shapes) {
     for (int transposes = 0; transposes < 4; ++transposes) {
       const bool ta = transposes & 1, tb = transposes & 2;

@@ -9,7 +9,10 @@
 //                      of 6 rows, row-major (ap[r * kc + k]); zero-padded at the edges,
 //                      column tails stored with masks. A with unit column stride (x in
 //                      y = x W^T, dy in dx = dy W) is read in place, with its own row
-//                      stride; only a tail of fewer than 6 rows is packed
+//                      stride; only a tail of fewer than 6 rows is packed. B with unit
+//                      column stride, columns in whole vectors and rows at most 4 KiB
+//                      apart (W in dx = dy W, x in dW = dy^T x at the MoE's widths) is
+//                      read in place too: its packing copy was 7% of an MoE step
 //      blocking        K in blocks of kKc = 256, A rows in blocks of kMc, B columns in
 //                      blocks of kNc; packing buffers are per thread and allocated once
 //    Every element of C is one running sum over k in increasing order (FMA, block after
@@ -252,6 +255,9 @@ inline constexpr int kNr = 64;        // columns of C per register tile: 4 vecto
 inline constexpr int64_t kKc = 256;   // inner-dimension block: fixed, so sums never depend on threads
 inline constexpr int64_t kMc = 120;   // rows of A packed at once (20 tiles)
 inline constexpr int64_t kNc = 1024;  // columns of B packed at once
+// B with unit column stride and rows at most 4 KiB apart is read in place; farther apart,
+// every row of a panel sits on its own page and the TLB misses cost more than packing.
+inline constexpr int64_t kDirectMaxStride = 1024;
 
 struct PackBuffers {
   float* a;
@@ -317,8 +323,8 @@ inline __mmask16 tail_mask(int64_t cols) { return cols >= 16 ? __mmask16(0xFFFF)
 // there is often cold (a weight gradient accumulated once per step), and with a short kc
 // its loads would otherwise stall the tile.
 template <int NV>
-inline void micro_tile(int64_t kc, const float* ap, int64_t lda, const float* bp, float* c, int64_t ldc, int64_t rows,
-                       int64_t cols, bool load_c, const float* c_next) {
+inline void micro_tile(int64_t kc, const float* ap, int64_t lda, const float* bp, int64_t ldb, float* c, int64_t ldc,
+                       int64_t rows, int64_t cols, bool load_c, const float* c_next) {
   __m512 acc[kMr][NV];
   __mmask16 mask[NV];
 #pragma GCC unroll 4
@@ -333,7 +339,7 @@ inline void micro_tile(int64_t kc, const float* ap, int64_t lda, const float* bp
     if (k < kMr * 4) _mm_prefetch(reinterpret_cast<const char*>(c_next + (k / 4) * ldc + (k % 4) * 16), _MM_HINT_T0);
     __m512 b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = _mm512_load_ps(bp + k * kNr + 16 * v);
+    for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_ps(bp + k * ldb + 16 * v);
 #pragma GCC unroll 6
     for (int r = 0; r < kMr; ++r) {
       const __m512 a = _mm512_set1_ps(ap[r * lda + k]);
@@ -349,11 +355,11 @@ inline void micro_tile(int64_t kc, const float* ap, int64_t lda, const float* bp
   }
 }
 
-inline void macro_tile(int64_t m, int64_t n, int64_t kc, const float* ap, int64_t lda, const float* bp, float* c,
-                       int64_t ldc, bool load_c) {
+inline void macro_tile(int64_t m, int64_t n, int64_t kc, const float* ap, int64_t lda, const float* bp, bool b_packed,
+                       int64_t ldb, float* c, int64_t ldc, bool load_c) {
   for (int64_t q = 0; q < n; q += kNr) {
     const int64_t cols = std::min<int64_t>(kNr, n - q);
-    const float* bq = bp + q * kc;
+    const float* bq = b_packed ? bp + q * kc : bp + q;
     for (int64_t p = 0; p < m; p += kMr) {
       const int64_t rows = std::min<int64_t>(kMr, m - p);
       const float* a = ap + p * lda;
@@ -361,10 +367,10 @@ inline void macro_tile(int64_t m, int64_t n, int64_t kc, const float* ap, int64_
       // The next tile down, or the top of the next column panel (prefetches never fault).
       const float* next = p + kMr < m ? ct + kMr * ldc : c + q + kNr;
       switch ((cols + 15) / 16) {
-        case 4: micro_tile<4>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
-        case 3: micro_tile<3>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
-        case 2: micro_tile<2>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
-        default: micro_tile<1>(kc, a, lda, bq, ct, ldc, rows, cols, load_c, next); break;
+        case 4: micro_tile<4>(kc, a, lda, bq, ldb, ct, ldc, rows, cols, load_c, next); break;
+        case 3: micro_tile<3>(kc, a, lda, bq, ldb, ct, ldc, rows, cols, load_c, next); break;
+        case 2: micro_tile<2>(kc, a, lda, bq, ldb, ct, ldc, rows, cols, load_c, next); break;
+        default: micro_tile<1>(kc, a, lda, bq, ldb, ct, ldc, rows, cols, load_c, next); break;
       }
     }
   }
@@ -388,7 +394,10 @@ inline void sgemm_block(const StridedMatrix& a, const StridedMatrix& b, float* c
     const int64_t nc = std::min(kNc, n - jc);
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
-      pack_b(b, k0, kc, j0 + jc, nc, buf.b);
+      const bool b_direct = b.col_stride == 1 && nc % 16 == 0 && b.row_stride <= kDirectMaxStride;
+      const float* bp = b_direct ? b.data + k0 * b.row_stride + j0 + jc : buf.b;
+      const int64_t ldb = b_direct ? b.row_stride : kNr;
+      if (!b_direct) pack_b(b, k0, kc, j0 + jc, nc, buf.b);
       for (int64_t ic = 0; ic < m; ic += kMc) {
         const int64_t mc = std::min(kMc, m - ic);
         float* const c_block = c + (i0 + ic) * ldc + j0 + jc;
@@ -397,10 +406,10 @@ inline void sgemm_block(const StridedMatrix& a, const StridedMatrix& b, float* c
         // than kMr rows, which the tile would read past, is packed (with its zero rows).
         const int64_t direct = a.col_stride == 1 ? mc / kMr * kMr : 0;
         if (direct > 0)
-          macro_tile(direct, nc, kc, a.data + (i0 + ic) * a.row_stride + k0, a.row_stride, buf.b, c_block, ldc, load_c);
+          macro_tile(direct, nc, kc, a.data + (i0 + ic) * a.row_stride + k0, a.row_stride, bp, !b_direct, ldb, c_block, ldc, load_c);
         if (direct < mc) {
           pack_a(a, i0 + ic + direct, mc - direct, k0, kc, buf.a);
-          macro_tile(mc - direct, nc, kc, buf.a, kc, buf.b, c_block + direct * ldc, ldc, load_c);
+          macro_tile(mc - direct, nc, kc, buf.a, kc, bp, !b_direct, ldb, c_block + direct * ldc, ldc, load_c);
         }
       }
     }
