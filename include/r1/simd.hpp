@@ -394,9 +394,9 @@ inline void sgemm_block(const StridedMatrix& a, const StridedMatrix& b, float* c
   PackBuffers& buf = pack_buffers();
   for (int64_t jc = 0; jc < n; jc += kNc) {
     const int64_t nc = std::min(kNc, n - jc);
+    const bool b_direct = b.col_stride == 1 && nc % 16 == 0 && b.row_stride <= kDirectMaxStride;
     for (int64_t k0 = 0; k0 < K; k0 += kKc) {
       const int64_t kc = std::min(kKc, K - k0);
-      const bool b_direct = b.col_stride == 1 && nc % 16 == 0 && b.row_stride <= kDirectMaxStride;
       const float* bp = b_direct ? b.data + k0 * b.row_stride + j0 + jc : buf.b;
       const int64_t ldb = b_direct ? b.row_stride : kNr;
       if (!b_direct) pack_b(b, k0, kc, j0 + jc, nc, buf.b);
